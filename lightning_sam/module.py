@@ -1,0 +1,78 @@
+"""``SAMModule``: SAM for a LightningModule by inheritance."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from lightning_sam.callback import SAM
+from lightning_sam.config import BatchNormPolicy, SAMConfig
+
+
+class SAMModule(pl.LightningModule):
+    """A LightningModule mixin that trains with Sharpness-Aware Minimization.
+
+    Write ``training_step`` as for automatic optimization (return the loss); for the fit, the module switches to
+    manual optimization and runs both SAM passes through the same step as the :class:`~lightning_sam.SAM` callback,
+    so every Trainer setting that the callback honours (precision, ``gradient_clip_val``,
+    ``accumulate_grad_batches``, schedulers, DDP) works here too. The settings come from the constructor; a ``SAM``
+    callback on the Trainer takes over when the module keeps the defaults, and a callback with different settings is
+    an error.
+
+    It works as the only base and as a mixin in front of an existing module.
+
+    Args:
+        *args: Passed on to the next class in the MRO (for ``class Net(SAMModule, MyExistingModule)``).
+        rho, adaptive, eta, epsilon, interval, bn_policy, m, log_sam: as for :class:`~lightning_sam.SAM`
+            (``log_sam`` is its ``log``).
+        **kwargs: Passed on to the next class in the MRO.
+
+    Example::
+
+        class Net(SAMModule):
+            def __init__(self):
+                super().__init__(rho=0.05)
+                self.layer = torch.nn.Linear(32, 2)
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return F.cross_entropy(self.layer(x), y)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+        class SAMResNet(SAMModule, MyResNetModule):  # an existing module, unchanged
+            pass
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        epsilon: float = 1e-12,
+        interval: int = 1,
+        bn_policy: BatchNormPolicy = "first",
+        m: Optional[int] = None,
+        log_sam: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.sam_config = SAMConfig(
+            rho=rho, adaptive=adaptive, eta=eta, epsilon=epsilon, interval=interval, bn_policy=bn_policy, m=m, log=log_sam
+        )
+        # An instance attribute, so that a subclass that overrides `configure_callbacks` still gets its SAM step.
+        self.configure_callbacks = self._configure_callbacks_with_sam
+
+    def _configure_callbacks_with_sam(self) -> list[Callback]:
+        callbacks = type(self).configure_callbacks(self)
+        if isinstance(callbacks, Callback):
+            callbacks = [callbacks]
+        callbacks = list(callbacks or [])
+        on_trainer = self._trainer is not None and any(isinstance(cb, SAM) for cb in self._trainer.callbacks)
+        if not on_trainer and not any(isinstance(cb, SAM) for cb in callbacks):
+            callbacks.append(SAM.from_config(self.sam_config))
+        return callbacks

@@ -1,0 +1,123 @@
+"""The math of SAM and ASAM, in one place: ε from the gradients, perturb, restore.
+
+Pure ``torch``: no Lightning, no state between calls. Every entry point (the ``SAM`` callback, ``SAMModule`` and
+``SAMOptimizer``) goes through :func:`perturb_` and :func:`restore_`. The work is done with multi-tensor
+(``torch._foreach_*``) kernels and never reads a value back to the host, so a step issues no host-device sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_sam.config import SAMConfig
+
+
+@dataclass
+class PerturbGroup:
+    """The parameters that share one ``rho`` / ``adaptive`` / ``eta`` (one optimizer param group)."""
+
+    params: Sequence[Tensor]
+    rho: float
+    adaptive: bool = False
+    eta: float = 0.01
+
+
+@dataclass
+class Perturbation:
+    """A perturbation in force: the weights are at w + ε and ``backup`` holds w, bit for bit."""
+
+    params: list[Tensor]
+    backup: list[Tensor]
+    grad_norm: Tensor
+    """‖g‖ (SAM) or ‖T·g‖ (ASAM) of the gradients ε was made from, as they were (loss-scaled under fp16)."""
+    finite: Tensor
+    """False when that norm was not finite: then ε = 0 and the weights were not moved."""
+
+
+def groups_from_optimizer(param_groups: Iterable[dict[str, Any]], config: SAMConfig) -> list[PerturbGroup]:
+    """One :class:`PerturbGroup` per optimizer param group; a group's own ``rho`` / ``adaptive`` / ``eta`` keys win."""
+    return [
+        PerturbGroup(
+            params=group["params"],
+            rho=group.get("rho", config.rho),
+            adaptive=group.get("adaptive", config.adaptive),
+            eta=group.get("eta", config.eta),
+        )
+        for group in param_groups
+    ]
+
+
+def grad_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """The 2-norm of all ``tensors`` taken together, in float32, on their device."""
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms), 2)
+
+
+@torch.no_grad()
+def perturb_(groups: Sequence[PerturbGroup], epsilon: float = 1e-12) -> Optional[Perturbation]:
+    """Move every parameter that has a gradient from w to w + ε, in place; return what restores it.
+
+    ε = ρ·g/(‖g‖ + epsilon) for plain SAM and ε = ρ·T²g/(‖T·g‖ + epsilon) with T = |w| + eta for adaptive groups,
+    where the norm runs over all parameters of all groups and ρ is each group's own. Parameters whose ``.grad`` is
+    ``None`` (frozen, unused) are left untouched. A zero gradient gives ε = 0; a non-finite norm (an fp16 overflow)
+    gives ε = 0 too, and ``finite`` says so. ε is invariant to a common scale of the gradients, so loss-scaled
+    fp16 gradients need no unscaling.
+
+    The gradients are consumed: on return each ``p.grad`` holds ε. Extra memory: one parameter-sized buffer,
+    the backup of w (for ASAM it first holds T).
+
+    Returns:
+        The :class:`Perturbation` to hand to :func:`restore_`, or ``None`` if no parameter has a gradient.
+    """
+    selected = [(group, [p for p in group.params if p.grad is not None]) for group in groups]
+    selected = [(group, params) for group, params in selected if params]
+    if not selected:
+        return None
+    for _, params in selected:
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("SAM does not support sparse gradients; use a dense embedding.")
+
+    # ASAM: g <- T·g now, and T·(T·g) below, so the norm is ‖T·g‖ and ε is proportional to T²g.
+    scales: dict[int, list[Tensor]] = {}
+    for index, (group, params) in enumerate(selected):
+        if group.adaptive:
+            t = torch._foreach_abs(params)
+            torch._foreach_add_(t, group.eta)
+            torch._foreach_mul_([p.grad for p in params], t)
+            scales[index] = t
+
+    all_params = [p for _, params in selected for p in params]
+    all_grads = [p.grad for p in all_params]
+    norm = grad_norm(all_grads)
+    finite = torch.isfinite(norm)
+    # pow(x, 0) == 1 for every x, inf and NaN included: raising to `finite` keeps finite gradients as they are and
+    # turns a non-finite set into ones, which the zero scale below wipes out. A select without a host sync.
+    torch._foreach_pow_(all_grads, finite.to(torch.float32))
+    # ε = 0 for a zero or non-finite norm, so neither epsilon=0 nor an overflow can produce NaN.
+    inv_norm = torch.where(finite & (norm > 0), 1.0 / (norm + epsilon), 0.0)
+
+    backup: list[Tensor] = []
+    for index, (group, params) in enumerate(selected):
+        grads = [p.grad for p in params]
+        t = scales.get(index)
+        if t is not None:
+            torch._foreach_mul_(grads, t)
+            torch._foreach_copy_(t, params)  # T is spent: its storage becomes the backup of w
+            backup.extend(t)
+        else:
+            backup.extend(torch._foreach_clone(params))
+        torch._foreach_mul_(grads, inv_norm * group.rho)
+    torch._foreach_add_(all_params, all_grads)
+    return Perturbation(params=all_params, backup=backup, grad_norm=norm, finite=finite)
+
+
+@torch.no_grad()
+def restore_(perturbation: Perturbation) -> None:
+    """Put the weights back to w exactly, by copying the backup (never by subtracting ε)."""
+    torch._foreach_copy_(perturbation.params, perturbation.backup)
