@@ -55,8 +55,8 @@ class SAMOptimizer(Optimizer):
 
     In a plain-PyTorch DDP loop, run the first forward and backward inside ``model.no_sync()`` so that ε comes from
     the local gradients (m-sharpness) and only the second backward is all-reduced. With a ``torch.amp.GradScaler``,
-    use ``first_step`` on the scaled gradients (ε is scale-invariant; an overflow gives ε = 0), then
-    ``second_step(grad_scaler=scaler)`` and ``scaler.update()``.
+    call ``first_step(grad_scaler=scaler)`` on the scaled gradients (ε is scale-invariant; an overflow gives ε = 0),
+    then ``second_step(grad_scaler=scaler)`` and ``scaler.update()``.
     """
 
     def __init__(
@@ -100,11 +100,19 @@ class SAMOptimizer(Optimizer):
         return self._perturbation is not None
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> Optional[Tensor]:
-        """Climb to w + ε using the current gradients; returns the gradient norm (a tensor, no host sync)."""
+    def first_step(self, zero_grad: bool = False, grad_scaler: Optional[torch.amp.GradScaler] = None) -> Optional[Tensor]:
+        """Climb to w + ε using the current gradients; returns their norm (a tensor: no host sync).
+
+        Pass the ``grad_scaler`` whose scaled loss made these gradients: an overflow then gives ε = 0 (the weights
+        stay at w) and ``second_step(grad_scaler=...)`` makes the scaler skip the step.
+        """
         if self._perturbation is not None:
             raise RuntimeError("first_step() was called twice without second_step() or restore() in between.")
-        self._perturbation = perturb_(groups_from_optimizer(self.param_groups, self.config), self.config.epsilon)
+        self._perturbation = perturb_(
+            groups_from_optimizer(self.param_groups, self.config),
+            self.config.epsilon,
+            guard_nonfinite=grad_scaler is not None,
+        )
         if zero_grad:
             self.zero_grad()
         return None if self._perturbation is None else self._perturbation.grad_norm
@@ -121,13 +129,23 @@ class SAMOptimizer(Optimizer):
         """Restore w and step the base optimizer with the gradient taken at w + ε.
 
         With ``grad_scaler``, the base step goes through ``grad_scaler.step`` (which unscales and skips the update
-        on inf/NaN); call ``grad_scaler.update()`` afterwards, as usual. The weights are restored either way.
+        on inf/NaN, here also when the first pass overflowed); call ``grad_scaler.update()`` afterwards, as usual.
+        The weights are restored either way.
         """
+        perturbation = self._perturbation
         self.restore()
         if grad_scaler is not None:
-            grad_scaler.step(self.base_optimizer)
-        else:
-            self.base_optimizer.step()
+            if perturbation is not None:
+                # A first-pass overflow must skip the step as well: a NaN gradient tells the scaler, without a sync.
+                grads = [p.grad for p in perturbation.params if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, torch.where(perturbation.finite, 1.0, float("nan")))
+        # Through self.step, so that an LR scheduler attached to this optimizer sees the step being taken.
+        with self._delegating():
+            if grad_scaler is not None:
+                grad_scaler.step(self)
+            else:
+                self.step()
         if zero_grad:
             self.zero_grad()
 

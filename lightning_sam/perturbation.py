@@ -59,14 +59,19 @@ def grad_norm(tensors: Sequence[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def perturb_(groups: Sequence[PerturbGroup], epsilon: float = 1e-12) -> Optional[Perturbation]:
+def perturb_(
+    groups: Sequence[PerturbGroup], epsilon: float = 1e-12, guard_nonfinite: bool = False
+) -> Optional[Perturbation]:
     """Move every parameter that has a gradient from w to w + ε, in place; return what restores it.
 
     ε = ρ·g/(‖g‖ + epsilon) for plain SAM and ε = ρ·T²g/(‖T·g‖ + epsilon) with T = |w| + eta for adaptive groups,
     where the norm runs over all parameters of all groups and ρ is each group's own. Parameters whose ``.grad`` is
-    ``None`` (frozen, unused) are left untouched. A zero gradient gives ε = 0; a non-finite norm (an fp16 overflow)
-    gives ε = 0 too, and ``finite`` says so. ε is invariant to a common scale of the gradients, so loss-scaled
-    fp16 gradients need no unscaling.
+    ``None`` (frozen, unused) are left untouched. A zero gradient gives ε = 0. ε is invariant to a common scale of
+    the gradients, so loss-scaled fp16 gradients need no unscaling.
+
+    With ``guard_nonfinite`` (set it under an fp16 loss scaler, where an overflow is an expected event), a
+    non-finite norm gives ε = 0 and leaves the weights where they are; ``finite`` reports it. Without it, a
+    non-finite gradient moves the weights to NaN until :func:`restore_`, as it would poison a plain step anyway.
 
     The gradients are consumed: on return each ``p.grad`` holds ε. Extra memory: one parameter-sized buffer,
     the backup of w (for ASAM it first holds T).
@@ -96,9 +101,8 @@ def perturb_(groups: Sequence[PerturbGroup], epsilon: float = 1e-12) -> Optional
     all_grads = [p.grad for p in all_params]
     norm = grad_norm(all_grads)
     finite = torch.isfinite(norm)
-    # pow(x, 0) == 1 for every x, inf and NaN included: raising to `finite` keeps finite gradients as they are and
-    # turns a non-finite set into ones, which the zero scale below wipes out. A select without a host sync.
-    torch._foreach_pow_(all_grads, finite.to(torch.float32))
+    if guard_nonfinite:
+        _ones_if_not(finite, all_grads)
     # ε = 0 for a zero or non-finite norm, so neither epsilon=0 nor an overflow can produce NaN.
     inv_norm = torch.where(finite & (norm > 0), 1.0 / (norm + epsilon), 0.0)
 
@@ -115,6 +119,16 @@ def perturb_(groups: Sequence[PerturbGroup], epsilon: float = 1e-12) -> Optional
         torch._foreach_mul_(grads, inv_norm * group.rho)
     torch._foreach_add_(all_params, all_grads)
     return Perturbation(params=all_params, backup=backup, grad_norm=norm, finite=finite)
+
+
+def _ones_if_not(keep: Tensor, tensors: list[Tensor]) -> None:
+    """``tensors`` unchanged if ``keep`` else all ones, in place, without reading ``keep`` on the host.
+
+    pow(x, 1) == x and pow(x, 0) == 1 for every x, inf and NaN included: the zero scale applied afterwards then
+    wipes the ones out. (No foreach op takes a device scalar exponent, hence one expanded view per tensor.)
+    """
+    exponents = {dtype: keep.to(dtype) for dtype in {t.dtype for t in tensors}}
+    torch._foreach_pow_(tensors, [exponents[t.dtype].expand_as(t) for t in tensors])
 
 
 @torch.no_grad()

@@ -184,7 +184,7 @@ class SAMStep:
                 p.grad = None
             with gradient_sync(self._trainer, False):
                 self._module.manual_backward(loss)
-            perturbation = perturb_(groups, epsilon)
+            perturbation = perturb_(groups, epsilon, guard_nonfinite=scaler is not None)
             for p, grad in zip(params, accumulated):
                 p.grad = grad
             torch.clear_autocast_cache()  # autocast caches casts by tensor identity, blind to in-place changes
