@@ -49,6 +49,15 @@ def carry_manual_step_count(trainer: pl.Trainer) -> None:
     auto.ready, auto.completed = steps.ready, steps.completed
 
 
+def adopt_automatic_step_count(trainer: pl.Trainer) -> None:
+    """After resuming from a checkpoint written without SAM, continue its step count in the manual counter."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    steps = epoch_loop.manual_optimization.optim_step_progress.total
+    auto = epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
+    if auto.completed > steps.completed:
+        steps.ready, steps.completed = auto.ready, auto.completed
+
+
 def check_world_size_for_skip(trainer: pl.Trainer) -> None:
     if trainer.world_size > 1:
         raise RuntimeError(

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_sam import _lightning
 from lightning_sam.config import BatchNormPolicy, SAMConfig
 from lightning_sam.distributed import check_strategy, warn_sync_batchnorm
 from lightning_sam.optimizer import SAMOptimizer
@@ -99,7 +100,8 @@ class SAM(Callback):
             raise MisconfigurationException(
                 "The `SAM` callback runs the SAM step in place of a training_step written for automatic optimization,"
                 " but this module sets `automatic_optimization = False`. Let `training_step` return the loss, or drive"
-                " `lightning_sam.SAMOptimizer` (first_step / second_step) yourself."
+                " `lightning_sam.SAMOptimizer` (first_step / second_step) yourself. (SAM needs exactly one optimizer:"
+                " use param groups rather than several optimizers.)"
             )
         self._adopt_module_settings(pl_module)
 
@@ -138,12 +140,20 @@ class SAM(Callback):
         self._step.install(trainer, pl_module)
 
     @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._step is not None:
-            self._step.on_train_epoch_end()
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Loop state is restored by now: a checkpoint written without SAM counted its steps in the automatic counter.
+        _lightning.adopt_automatic_step_count(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._uninstall()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning skips `teardown` after an exception: give the module back all the same.
+        self._uninstall()
+
+    def _uninstall(self) -> None:
         if self._step is not None:
             self._step.uninstall()
             self._step = None

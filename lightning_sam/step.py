@@ -76,8 +76,7 @@ class SAMStep:
         self.counters = counters
         self._trainer: Optional[pl.Trainer] = None
         self._module: Optional[pl.LightningModule] = None
-        self._user_training_step: Optional[Callable[..., Any]] = None
-        self._user_before_optimizer_step: Optional[Callable[..., Any]] = None
+        self._user: dict[str, Callable[..., Any]] = {}
         self._metrics: list[Metric] = []
         self._window_open = False
 
@@ -89,22 +88,28 @@ class SAMStep:
         ``interval``/``monitor``) and after Lightning validated the Trainer flags that manual mode would refuse.
         """
         self._trainer, self._module = trainer, module
-        self._user_training_step = module.training_step
-        self._user_before_optimizer_step = module.on_before_optimizer_step
         self._metrics = [m for m in module.modules() if isinstance(m, Metric)]
         self._window_open = False
         module.automatic_optimization = False
         # Instance attributes shadow the class's methods, so the user's classes stay as they are; Lightning (and
         # DDP's forward redirection) look the hooks up on the instance.
-        module.training_step = self.training_step
-        module.on_before_optimizer_step = self._on_before_optimizer_step
+        hooks = {
+            "training_step": self.training_step,
+            "on_before_optimizer_step": self._on_before_optimizer_step,
+            "on_train_epoch_end": self._on_train_epoch_end,
+        }
+        for name, hook in hooks.items():
+            self._user[name] = getattr(module, name)
+            setattr(module, name, hook)
 
     def uninstall(self) -> None:
+        """Give the module back as it was: automatic optimization, its own hooks, the step count carried over."""
         module, trainer = self._module, self._trainer
         if module is None or trainer is None:
             return
-        for name in ("training_step", "on_before_optimizer_step"):
+        for name in self._user:
             module.__dict__.pop(name, None)
+        self._user = {}
         module.automatic_optimization = True
         _lightning.carry_manual_step_count(trainer)
         self._module = self._trainer = None
@@ -112,14 +117,16 @@ class SAMStep:
     # ------------------------------------------------------------------ hooks
     def _on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The gradients are unscaled here under every precision; clip after the user's hook, as automatic mode does.
-        self._user_before_optimizer_step(optimizer)
+        self._user["on_before_optimizer_step"](optimizer)
         clip_val = self._trainer.gradient_clip_val
         if clip_val:
             self._module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm="norm")
 
-    def on_train_epoch_end(self) -> None:
-        if self._trainer is not None and _lightning.epoch_batches_done(self._trainer):
-            step_schedulers(self._trainer, "epoch")
+    def _on_train_epoch_end(self) -> None:
+        # Plateau schedulers step after the module's own epoch-end hook, which may log their monitor.
+        self._user["on_train_epoch_end"]()
+        if _lightning.epoch_batches_done(self._trainer):
+            step_schedulers(self._trainer, "epoch", plateau=True)
 
     # ------------------------------------------------------------------ the step
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -145,13 +152,18 @@ class SAMStep:
                 self.counters.sam_steps += 1
             else:
                 self.counters.plain_steps += 1
+            # Both step counters agree at every step, so checkpoints resume with or without SAM.
+            _lightning.carry_manual_step_count(trainer)
             step_schedulers(trainer, "step")
+            if _lightning.epoch_batches_done(trainer):
+                # As in automatic optimization: right after the epoch's last step, before checkpoints are written.
+                step_schedulers(trainer, "epoch", plateau=False)
         if stats is not None:
             self._log(stats)
         return output
 
     def _plain_backward(self, args: tuple, kwargs: dict, weight: float, sync: bool) -> Any:
-        output = self._user_training_step(*args, **kwargs)
+        output = self._user["training_step"](*args, **kwargs)
         loss = _loss_of(output)
         if loss is None:
             _lightning.check_world_size_for_skip(self._trainer)
@@ -172,7 +184,7 @@ class SAMStep:
         losses, perturbed_losses, norms, output = [], [], [], None
         for index, (chunk, size) in enumerate(chunks):
             share = 1.0 if total is None else size / total
-            output = self._user_training_step(chunk, *rest, **kwargs)
+            output = self._user["training_step"](chunk, *rest, **kwargs)
             loss = _loss_of(output)
             if loss is None:
                 _lightning.check_world_size_for_skip(self._trainer)
@@ -190,7 +202,7 @@ class SAMStep:
             torch.clear_autocast_cache()  # autocast caches casts by tensor identity, blind to in-place changes
             try:
                 with self._second_pass_context():
-                    perturbed_output = self._user_training_step(chunk, *rest, **kwargs)
+                    perturbed_output = self._user["training_step"](chunk, *rest, **kwargs)
                 perturbed_loss = _loss_of(perturbed_output)
                 if perturbed_loss is None:
                     raise MisconfigurationException(
