@@ -53,9 +53,10 @@ def _class_path(entry: Any) -> str:
 
 def _declares(node: Any, suffix: str) -> bool:
     """True if any ``class_path`` in the (nested) config ends with ``suffix``."""
-    if hasattr(node, "items"):
+    if hasattr(node, "items"):  # a dict, or a jsonargparse Namespace (whose items() have dotted keys)
         return any(
-            (key == "class_path" and isinstance(value, str) and value.endswith(suffix)) or _declares(value, suffix)
+            (key.rsplit(".", 1)[-1] == "class_path" and isinstance(value, str) and value.endswith(suffix))
+            or _declares(value, suffix)
             for key, value in node.items()
         )
     if isinstance(node, (list, tuple)):
