@@ -338,3 +338,47 @@ def test_fp16_clipping_applies_after_unscaling():
     )
     module.cpu()
     _assert_weights(module, w_ref, b_ref, tol=5e-3)
+
+
+# ---------------------------------------------------------------------------------------------------- cost
+class _SyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Notes every op that reads a device value back on the host."""
+
+    SYNCS = {"_local_scalar_dense", "item", "is_nonzero", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCS:
+            self.syncs.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+class QuietMLP(MLP):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+
+@pytest.mark.parametrize("log", [True, False])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_sam_step_reads_nothing_back_to_the_host(log, precision):
+    recorder = _SyncRecorder()
+
+    class Record(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):  # runs after SAM's, so it wraps the installed step
+            step = pl_module.training_step
+
+            def recorded(*args, **kwargs):
+                with recorder:
+                    return step(*args, **kwargs)
+
+            pl_module.training_step = recorded
+
+    module = QuietMLP()
+    trainer(callbacks=[SAM(rho=0.1, log=log), Record()], precision=precision, max_steps=3).fit(
+        module, loader(_mlp_data(3))
+    )
+    assert recorder.syncs == []
