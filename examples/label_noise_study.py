@@ -51,9 +51,11 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
     val_acc = float(trainer.callback_metrics["val/acc"])
+    # Accuracy on the (noisy) training labels in the last epoch: how much of the noise the network memorised.
+    train_acc = float(trainer.callback_metrics.get("train/acc_epoch", float("nan")))
     test = trainer.test(module, datamodule=data, verbose=False)[0]
     return {**run, "test_error": 1.0 - test["test/acc"], "test_loss": test["test/loss"], "val_acc": val_acc,
-            "train_seconds": seconds}
+            "train_acc": train_acc, "train_seconds": seconds}
 
 
 def _key(run: dict[str, Any]) -> tuple:

@@ -46,10 +46,11 @@ class SAM(Callback):
         log: Log ``sam/perturbed_loss``, ``sam/sharpness`` (L(w+ε) − L(w)) and ``sam/grad_norm`` every step.
 
     Raises:
-        ValueError: at construction, for a setting out of range; at ``setup``, for an unsupported strategy or
-            ``gradient_clip_algorithm="value"``.
+        ValueError: at construction, for a setting out of range; at ``setup``, for an unsupported strategy.
+        MisconfigurationException: at ``setup``, for ``gradient_clip_algorithm="value"``, a module in manual
+            optimization or a second ``SAM`` callback; at ``on_fit_start``, for more than one optimizer.
 
-    Example::
+    Example:
 
         from lightning.pytorch import Trainer
         from lightning_sam import SAM

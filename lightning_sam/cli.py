@@ -1,6 +1,6 @@
 """``lightning-sam``: LightningCLI with SAM (``fit``, ``validate``, ``test``, ``predict``).
 
-Example::
+Example:
 
     lightning-sam fit --config examples/configs/fashion_mnist_sam.yaml
     lightning-sam fit --config examples/configs/fashion_mnist_sam.yaml --trainer.callbacks+=... --print_config

@@ -40,8 +40,8 @@ def warn_sync_batchnorm(trainer: pl.Trainer, module: pl.LightningModule) -> None
     if getattr(trainer.strategy, "_layer_sync", None) is not None or has_sync_batchnorm(module):
         rank_zero_warn(
             "SyncBatchNorm communicates in its forward and backward even where gradient sync is off, so both SAM"
-            " passes exchange batch statistics across devices (three collectives per layer per step instead of one)."
-            " Plain BatchNorm keeps ε per device, as in the paper."
+            " passes exchange batch statistics across devices: four collectives per layer per SAM step instead of"
+            " two for an SGD step. Plain BatchNorm keeps ε per device, as in the paper."
         )
 
 

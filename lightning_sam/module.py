@@ -15,7 +15,7 @@ class SAMModule(pl.LightningModule):
     """A LightningModule mixin that trains with Sharpness-Aware Minimization.
 
     Write ``training_step`` as for automatic optimization (return the loss); for the fit, the module switches to
-    manual optimization and runs both SAM passes through the same step as the :class:`~lightning_sam.SAM` callback,
+    manual optimization and runs both SAM passes through the same step as the ``SAM`` callback,
     so every Trainer setting that the callback honours (precision, ``gradient_clip_val``,
     ``accumulate_grad_batches``, schedulers, DDP) works here too. The settings come from the constructor; a ``SAM``
     callback on the Trainer takes over when the module keeps the defaults, and a callback with different settings is
@@ -25,11 +25,17 @@ class SAMModule(pl.LightningModule):
 
     Args:
         *args: Passed on to the next class in the MRO (for ``class Net(SAMModule, MyExistingModule)``).
-        rho, adaptive, eta, epsilon, interval, bn_policy, m, log_sam: as for :class:`~lightning_sam.SAM`
-            (``log_sam`` is its ``log``).
+        rho: Neighbourhood radius, as for ``SAM``.
+        adaptive: ASAM, as for ``SAM``.
+        eta: ASAM's offset, as for ``SAM``.
+        epsilon: Added to the gradient norm, as for ``SAM``.
+        interval: SAM on every ``interval``-th optimizer step, as for ``SAM``.
+        bn_policy: BatchNorm statistics from the ``"first"`` pass or ``"both"``, as for ``SAM``.
+        m: Examples per ε, as for ``SAM``.
+        log_sam: Log the ``sam/*`` metrics (the callback's ``log``).
         **kwargs: Passed on to the next class in the MRO.
 
-    Example::
+    Example:
 
         class Net(SAMModule):
             def __init__(self):

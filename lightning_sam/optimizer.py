@@ -36,7 +36,7 @@ class SAMOptimizer(Optimizer):
         epsilon: Added to the gradient norm.
         **kwargs: Passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
 
-    Example::
+    Example:
 
         opt = SAMOptimizer(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
         for x, y in loader:
@@ -56,7 +56,8 @@ class SAMOptimizer(Optimizer):
     In a plain-PyTorch DDP loop, run the first forward and backward inside ``model.no_sync()`` so that ε comes from
     the local gradients (m-sharpness) and only the second backward is all-reduced. With a ``torch.amp.GradScaler``,
     call ``first_step(grad_scaler=scaler)`` on the scaled gradients (ε is scale-invariant; an overflow gives ε = 0),
-    then ``second_step(grad_scaler=scaler)`` and ``scaler.update()``.
+    back-propagate ``scaler.scale(opt.guard_loss(loss))`` in the second pass (so that an overflow skips the step on
+    every rank), then ``second_step(grad_scaler=scaler)`` and ``scaler.update()``.
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class SAMOptimizer(Optimizer):
             self.config.epsilon,
             guard_nonfinite=grad_scaler is not None,
         )
+        torch.clear_autocast_cache()  # autocast caches casts by tensor identity, blind to in-place changes
         if zero_grad:
             self.zero_grad()
         return None if self._perturbation is None else self._perturbation.grad_norm
@@ -123,6 +125,18 @@ class SAMOptimizer(Optimizer):
         if self._perturbation is not None:
             restore_(self._perturbation)
             self._perturbation = None
+            torch.clear_autocast_cache()
+
+    def guard_loss(self, loss: Tensor) -> Tensor:
+        """The second-pass loss, made NaN if the first pass overflowed (under ``first_step(grad_scaler=...)``).
+
+        Multiply before ``backward``: the NaN gradient then makes every ``GradScaler`` skip the step, also on all
+        ranks of a DDP loop (the NaN is all-reduced) and also when you ``unscale_`` before ``second_step`` to clip.
+        Without a perturbation in force, the loss is returned as it is.
+        """
+        if self._perturbation is None:
+            return loss
+        return loss * torch.where(self._perturbation.finite, 1.0, float("nan")).to(loss.dtype)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, grad_scaler: Optional[torch.amp.GradScaler] = None) -> None:
@@ -153,8 +167,8 @@ class SAMOptimizer(Optimizer):
         """A whole SAM step. ``closure`` does a full forward-backward and returns the loss.
 
         If the gradients at w are already there (the usual ``loss.backward(); opt.step(closure)`` pattern), the
-        closure runs once, at w + ε; otherwise it runs twice, at w and at w + ε. Returns the loss at w when this
-        call computed it, else the closure's loss at w + ε.
+        closure runs once, at w + ε; otherwise it runs twice, at w and at w + ε. The gradients are cleared after the
+        base step. Returns the loss at w when this call computed it, else the closure's loss at w + ε.
         """
         if self._delegate:
             # Driven by the Lightning SAM step, which has already perturbed and restored: a plain base step.
@@ -175,6 +189,8 @@ class SAMOptimizer(Optimizer):
         finally:
             self.restore()
         self.base_optimizer.step()
+        # Gradients at w must never be mistaken for the next step's: the next call starts from none.
+        self.zero_grad()
         return loss_perturbed if loss_at_w is None else loss_at_w
 
     @contextmanager

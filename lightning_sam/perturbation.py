@@ -1,7 +1,7 @@
 """The math of SAM and ASAM, in one place: ε from the gradients, perturb, restore.
 
 Pure ``torch``: no Lightning, no state between calls. Every entry point (the ``SAM`` callback, ``SAMModule`` and
-``SAMOptimizer``) goes through :func:`perturb_` and :func:`restore_`. The work is done with multi-tensor
+``SAMOptimizer``) goes through ``perturb_`` and ``restore_``. The work is done with multi-tensor
 (``torch._foreach_*``) kernels and never reads a value back to the host, so a step issues no host-device sync.
 """
 
@@ -40,7 +40,7 @@ class Perturbation:
 
 
 def groups_from_optimizer(param_groups: Iterable[dict[str, Any]], config: SAMConfig) -> list[PerturbGroup]:
-    """One :class:`PerturbGroup` per optimizer param group; a group's own ``rho`` / ``adaptive`` / ``eta`` keys win."""
+    """One ``PerturbGroup`` per optimizer param group; a group's own ``rho`` / ``adaptive`` / ``eta`` keys win."""
     return [
         PerturbGroup(
             params=group["params"],
@@ -71,13 +71,13 @@ def perturb_(
 
     With ``guard_nonfinite`` (set it under an fp16 loss scaler, where an overflow is an expected event), a
     non-finite norm gives ε = 0 and leaves the weights where they are; ``finite`` reports it. Without it, a
-    non-finite gradient moves the weights to NaN until :func:`restore_`, as it would poison a plain step anyway.
+    non-finite gradient moves the weights to NaN until ``restore_``, as it would poison a plain step anyway.
 
     The gradients are consumed: on return each ``p.grad`` holds ε. Extra memory: one parameter-sized buffer,
     the backup of w (for ASAM it first holds T).
 
     Returns:
-        The :class:`Perturbation` to hand to :func:`restore_`, or ``None`` if no parameter has a gradient.
+        The ``Perturbation`` to hand to ``restore_``, or ``None`` if no parameter has a gradient.
     """
     selected = [(group, [p for p in group.params if p.grad is not None]) for group in groups]
     selected = [(group, params) for group, params in selected if params]

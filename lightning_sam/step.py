@@ -1,6 +1,6 @@
 """The one Lightning SAM step, shared by the ``SAM`` callback and ``SAMModule``.
 
-Per optimizer step, with the module in manual optimization::
+Per optimizer step, with the module in manual optimization:
 
     zero_grad                                   (once per accumulation window)
     for each micro-batch (and each m-chunk of it):
@@ -116,11 +116,14 @@ class SAMStep:
 
     # ------------------------------------------------------------------ hooks
     def _on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # The gradients are unscaled here under every precision; clip after the user's hook, as automatic mode does.
+        # The gradients are unscaled here under every precision. As in automatic optimization: the user's hook, then
+        # `configure_gradient_clipping` (which clips by the Trainer's norm unless the module overrides it).
         self._user["on_before_optimizer_step"](optimizer)
-        clip_val = self._trainer.gradient_clip_val
-        if clip_val:
-            self._module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm="norm")
+        self._module.configure_gradient_clipping(
+            optimizer,
+            gradient_clip_val=self._trainer.gradient_clip_val,
+            gradient_clip_algorithm=self._trainer.gradient_clip_algorithm,
+        )
 
     def _on_train_epoch_end(self) -> None:
         # Plateau schedulers step after the module's own epoch-end hook, which may log their monitor.

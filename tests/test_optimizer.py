@@ -182,3 +182,49 @@ def test_grads_after_first_step_are_the_reference_ones():
     hw, hb = linreg_grads(w0 + 0.1 * gw / norm, b0 + 0.1 * gb / norm, x, y)
     torch.testing.assert_close(model.weight.grad, hw, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.bias.grad, hb, rtol=1e-5, atol=1e-6)
+
+
+def test_step_with_closure_never_reuses_old_gradients():
+    """A loop of step(closure) without zero_grad: each step must take its own gradient at w."""
+    model, batches = _problem()
+    w_ref, b_ref = linreg_sam_sgd(*_initial(model), batches, lr=0.1, rho_w=0.1)
+    opt = SAMOptimizer(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    for x, y in batches:
+        def closure():
+            loss = _loss(model, x, y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    torch.testing.assert_close(model.weight.detach(), w_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_guard_loss_skips_the_step_even_when_unscaling_first_to_clip():
+    model, batches = _problem(1)
+    x, y = batches[0]
+    w0, b0 = _initial(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = SAMOptimizer(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    scaler.scale(_loss(model, x, y) * float("inf")).backward()
+    opt.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(opt.guard_loss(_loss(model, x, y))).backward()
+    scaler.unscale_(opt)  # to clip: the overflow must already be visible here
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.second_step(zero_grad=True, grad_scaler=scaler)
+    scaler.update()
+    assert torch.equal(model.weight.detach(), w0) and torch.equal(model.bias.detach(), b0)
+    assert scaler.get_scale() < 2.0**10
+
+
+def test_both_passes_in_one_autocast_block_see_the_perturbation():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    opt = SAMOptimizer(net.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=True):
+        first = torch.nn.functional.cross_entropy(net(x), y)
+        first.backward()
+        opt.first_step(zero_grad=True)
+        second = torch.nn.functional.cross_entropy(net(x), y)
+    assert (second.float() - first.float()).abs() > 1e-2  # not the stale casts of w
+    opt.restore()

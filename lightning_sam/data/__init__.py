@@ -1,6 +1,6 @@
 """Data modules for the experiments: Fashion-MNIST (CPU-sized, offline) and CIFAR-10/100, with label noise.
 
-Example::
+Example:
 
     from lightning_sam.data import FashionMNISTDataModule, symmetric_label_noise
 

@@ -72,12 +72,12 @@ def split_with_noise(
         targets: All labels of the original training set, shape ``(n,)``.
         val_size: Number of held-out examples, ``0 <= val_size < n``.
         split_seed: Seed of the split permutation.
-        label_noise: Symmetric noise rate in ``[0, 1)`` (see :func:`symmetric_label_noise`).
+        label_noise: Symmetric noise rate in ``[0, 1)`` (see ``symmetric_label_noise``).
         noise_seed: Seed of the noise.
         num_classes: Number of classes.
         train_subset: Keep only this many training examples (``None``: all).
 
-    Example::
+    Example:
 
         split = split_with_noise(labels, val_size=5000, split_seed=0, label_noise=0.2, noise_seed=0, num_classes=10)
         assert split.noisy_mask.float().mean() == 0.2

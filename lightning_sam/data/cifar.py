@@ -25,7 +25,7 @@ class Cutout:
     Args:
         size: Side of the square, in pixels (>= 1).
 
-    Example::
+    Example:
 
         transform = T.Compose([T.ToTensor(), T.Normalize(mean, std), Cutout(16)])
     """
@@ -48,23 +48,23 @@ class Cutout:
 
 
 class CIFARDataModule(LightningDataModule):
-    """The data module shared by :class:`CIFAR10DataModule` and :class:`CIFAR100DataModule`.
+    """The data module shared by ``CIFAR10DataModule`` and ``CIFAR100DataModule``.
 
     A subclass sets ``dataset_cls`` (a torchvision CIFAR dataset class), ``name``, ``num_classes``, ``mean`` and
     ``std``. Training images get the SAM paper's augmentation (``RandomCrop(32, padding=4)``,
-    ``RandomHorizontalFlip``), then ``ToTensor``, ``Normalize`` and, if ``cutout > 0``, :class:`Cutout`; validation
+    ``RandomHorizontalFlip``), then ``ToTensor``, ``Normalize`` and, if ``cutout > 0``, ``Cutout``; validation
     and test images only ``ToTensor`` and ``Normalize``. The validation set (``val_size > 0``) is the last
     ``val_size`` positions of a permutation of the training set drawn with ``split_seed``. Symmetric label noise
-    (:func:`~lightning_sam.data.symmetric_label_noise`) replaces the training examples' ``targets`` in the training
-    dataset; the validation and test labels stay clean. After :meth:`setup`, ``self.split`` (a
-    :class:`~lightning_sam.data.NoisySplit`) records the split, the clean labels and the corrupted positions, and
+    (``symmetric_label_noise``) replaces the training examples' ``targets`` in the training
+    dataset; the validation and test labels stay clean. After ``setup``, ``self.split`` (a
+    ``NoisySplit``) records the split, the clean labels and the corrupted positions, and
     ``self.train_dataset[i]`` is the example at ``self.split.train_indices[i]``.
 
     Args:
         data_dir: Root folder of the torchvision dataset (holding ``cifar-10-batches-py`` / ``cifar-100-python``).
         batch_size: Examples per batch (every loader).
         num_workers: DataLoader worker processes (PIL augmentation is CPU-bound: use several).
-        download: Download the data in :meth:`prepare_data` if missing.
+        download: Download the data in ``prepare_data`` if missing.
         cutout: Side of the Cutout square; 0 disables it (16 is usual for CIFAR-10, 8 for CIFAR-100).
         label_noise: Fraction of training labels replaced by another class, in ``[0, 1)``.
         noise_seed: Seed of the label noise.
@@ -73,9 +73,9 @@ class CIFARDataModule(LightningDataModule):
 
     Raises:
         ValueError: for an argument out of range (at construction).
-        FileNotFoundError: in :meth:`prepare_data` / :meth:`setup` when the data are missing and ``download=False``.
+        FileNotFoundError: in ``prepare_data`` / ``setup`` when the data are missing and ``download=False``.
 
-    Example::
+    Example:
 
         datamodule = CIFAR10DataModule(data_dir="data", batch_size=128, cutout=16, label_noise=0.2)
         Trainer(max_epochs=200).fit(model, datamodule=datamodule)
@@ -228,9 +228,9 @@ class CIFARDataModule(LightningDataModule):
 
 
 class CIFAR10DataModule(CIFARDataModule):
-    """CIFAR-10 (10 classes, 50,000 training and 10,000 test images); see :class:`CIFARDataModule` for the args.
+    """CIFAR-10 (10 classes, 50,000 training and 10,000 test images); see ``CIFARDataModule`` for the args.
 
-    Example::
+    Example:
 
         datamodule = CIFAR10DataModule(data_dir="data", cutout=16)
     """
@@ -244,9 +244,9 @@ class CIFAR10DataModule(CIFARDataModule):
 
 
 class CIFAR100DataModule(CIFARDataModule):
-    """CIFAR-100 (100 classes, 50,000 training and 10,000 test images); see :class:`CIFARDataModule` for the args.
+    """CIFAR-100 (100 classes, 50,000 training and 10,000 test images); see ``CIFARDataModule`` for the args.
 
-    Example::
+    Example:
 
         datamodule = CIFAR100DataModule(data_dir="data", cutout=8, label_noise=0.4)
     """

@@ -51,7 +51,7 @@ def read_idx(path: PathLike, magic: Optional[int] = None) -> Tensor:
     Raises:
         ValueError: if the file is not gzip, not IDX, has another magic number than ``magic``, or is truncated.
 
-    Example::
+    Example:
 
         labels = read_idx("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz", magic=0x801)
         labels.shape  # torch.Size([60000])
@@ -99,7 +99,7 @@ def find_fashion_mnist(data_dir: Optional[PathLike] = None) -> Path:
     Raises:
         FileNotFoundError: naming every folder looked at, what was missing there, and how to get the data.
 
-    Example::
+    Example:
 
         folder = find_fashion_mnist()  # PosixPath('/usr/share/datasets/fashion-mnist')
     """
@@ -127,13 +127,13 @@ def load_fashion_mnist(folder: PathLike, train: bool) -> tuple[Tensor, Tensor]:
     """The training (60,000) or test (10,000) images and labels of Fashion-MNIST, as stored.
 
     Args:
-        folder: A folder holding the four ``.gz`` files (see :func:`find_fashion_mnist`).
+        folder: A folder holding the four ``.gz`` files (see ``find_fashion_mnist``).
         train: The training set if True, else the test set.
 
     Returns:
         ``(images, labels)``: ``uint8`` images of shape ``(N, 28, 28)`` and ``int64`` labels of shape ``(N,)``.
 
-    Example::
+    Example:
 
         images, labels = load_fashion_mnist(find_fashion_mnist(), train=False)
     """
@@ -158,7 +158,7 @@ class TensorImageDataset(Dataset):
         images: ``(N, C, H, W)`` float tensor.
         targets: ``(N,)`` integer labels.
 
-    Example::
+    Example:
 
         dataset = TensorImageDataset(torch.zeros(4, 1, 28, 28), torch.arange(4))
         image, label = dataset[0]
@@ -188,7 +188,7 @@ class RandomCropFlip:
         padding: Pixels of padding on each side.
         fill: Value of the padding: that of a black pixel after normalization.
 
-    Example::
+    Example:
 
         augment = RandomCropFlip(padding=2, fill=-FASHION_MNIST_MEAN / FASHION_MNIST_STD)
         batch = augment(torch.randn(128, 1, 28, 28))  # same shape
@@ -238,8 +238,8 @@ class FashionMNISTDataModule(LightningDataModule):
 
     The 60,000 training images are split by a permutation drawn with ``split_seed``: its last ``val_size`` positions
     are the validation set, the rest the training set. Symmetric label noise (see
-    :func:`~lightning_sam.data.symmetric_label_noise`) then corrupts the training labels only; the validation and
-    test labels are always the true ones. After :meth:`setup`, ``self.split`` (a :class:`NoisySplit`) records the
+    ``symmetric_label_noise``) then corrupts the training labels only; the validation and
+    test labels are always the true ones. After ``setup``, ``self.split`` (a ``NoisySplit``) records the
     split, the clean training labels and which of them were corrupted. Batches are ``(images, labels)`` with images
     ``(B, 1, 28, 28)`` normalized with mean 0.2860 and std 0.3530.
 
@@ -258,9 +258,9 @@ class FashionMNISTDataModule(LightningDataModule):
 
     Raises:
         ValueError: for an argument out of range (at construction).
-        FileNotFoundError: in :meth:`prepare_data` / :meth:`setup`, when the files are nowhere to be found.
+        FileNotFoundError: in ``prepare_data`` / ``setup``, when the files are nowhere to be found.
 
-    Example::
+    Example:
 
         from lightning.pytorch import Trainer
         from lightning_sam.data import FashionMNISTDataModule

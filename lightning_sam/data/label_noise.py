@@ -22,7 +22,7 @@ def _choose(num_examples: int, rate: float, generator: torch.Generator) -> Tenso
 
 
 def noisy_indices(num_examples: int, rate: float, seed: int) -> Tensor:
-    """The positions that :func:`symmetric_label_noise` corrupts for the same ``rate`` and ``seed``.
+    """The positions that ``symmetric_label_noise`` corrupts for the same ``rate`` and ``seed``.
 
     Args:
         num_examples: Number of labels ``n``.
@@ -32,7 +32,7 @@ def noisy_indices(num_examples: int, rate: float, seed: int) -> Tensor:
     Returns:
         ``round(rate * n)`` distinct positions (int64, in the order drawn, not sorted).
 
-    Example::
+    Example:
 
         >>> noisy_indices(10, 0.3, seed=0).numel()
         3
@@ -64,7 +64,7 @@ def symmetric_label_noise(targets: Tensor, rate: float, num_classes: int, seed: 
     Raises:
         ValueError: for a rate outside ``[0, 1)``, fewer than 2 classes, labels out of range or not 1-D.
 
-    Example::
+    Example:
 
         >>> clean = torch.arange(10) % 10
         >>> noisy = symmetric_label_noise(clean, 0.4, num_classes=10, seed=0)

@@ -1,6 +1,6 @@
 """Networks and the LightningModule used in the experiments.
 
-Example::
+Example:
 
     from lightning_sam.models import ImageClassifier, SmallCNN, WideResNet
 

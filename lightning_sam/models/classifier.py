@@ -21,7 +21,7 @@ def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
     A module-level function rather than a lambda, so that it pickles (checkpoints keep it in the hyperparameters)
     and jsonargparse can print it as an import path.
 
-    Example::
+    Example:
 
         optimizer = default_optimizer(model.parameters())
     """
@@ -51,7 +51,7 @@ class ImageClassifier(LightningModule):
     Args:
         model: The network: images to logits of shape ``(B, num_classes)``.
         optimizer: A callable from parameters to an optimizer; in a LightningCLI config, a ``class_path`` with
-            ``init_args`` (e.g. ``torch.optim.SGD`` with ``lr``). Default: :func:`default_optimizer`.
+            ``init_args`` (e.g. ``torch.optim.SGD`` with ``lr``). Default: ``default_optimizer``.
         lr_scheduler: A callable from the optimizer to a learning-rate scheduler (e.g. ``CosineAnnealingLR`` with
             ``T_max`` in the config), or None. A ``ReduceLROnPlateau`` monitors ``val/loss``.
         scheduler_interval: Step the scheduler every ``"epoch"`` or every ``"step"`` (optimizer step).
@@ -59,7 +59,7 @@ class ImageClassifier(LightningModule):
         num_classes: Number of classes, for the accuracy metrics. None: ``model.num_classes``, else the
             ``out_features`` of the model's last ``nn.Linear``.
 
-    Example::
+    Example:
 
         from functools import partial
         from lightning.pytorch import Trainer
@@ -70,7 +70,7 @@ class ImageClassifier(LightningModule):
         module = ImageClassifier(SmallCNN(), optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
         Trainer(max_epochs=2, callbacks=[SAM(rho=0.05)]).fit(module, datamodule=FashionMNISTDataModule())
 
-    In a LightningCLI YAML config::
+    In a LightningCLI YAML config:
 
         model:
           class_path: lightning_sam.models.ImageClassifier

@@ -14,7 +14,7 @@ class BasicBlock(nn.Module):
         planes: Output channels.
         stride: Stride of the first conv (2 halves the resolution).
 
-    Example::
+    Example:
 
         block = BasicBlock(64, 128, stride=2)  # (B, 64, 32, 32) -> (B, 128, 16, 16)
     """
@@ -48,7 +48,7 @@ class ResNet18(nn.Module):
         num_classes: Output logits.
         in_channels: Input image channels.
 
-    Example::
+    Example:
 
         model = ResNet18(num_classes=100)
         logits = model(torch.randn(8, 3, 32, 32))  # (8, 100)

@@ -24,7 +24,7 @@ class SmallCNN(nn.Module):
         in_channels: Input image channels.
         width: Channels of the first convolution.
 
-    Example::
+    Example:
 
         model = SmallCNN()
         logits = model(torch.randn(8, 1, 28, 28))  # (8, 10)

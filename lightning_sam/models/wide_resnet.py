@@ -17,7 +17,7 @@ class WideBasicBlock(nn.Module):
         stride: Stride of the first conv.
         dropout: Dropout probability between the two convolutions.
 
-    Example::
+    Example:
 
         block = WideBasicBlock(160, 320, stride=2)  # (B, 160, 32, 32) -> (B, 320, 16, 16)
     """
@@ -55,7 +55,7 @@ class WideResNet(nn.Module):
         dropout: Dropout probability inside each block (0.3 in some of the paper's settings).
         in_channels: Input image channels.
 
-    Example::
+    Example:
 
         model = WideResNet(depth=16, widen_factor=8, num_classes=100)
         logits = model(torch.randn(8, 3, 32, 32))  # (8, 100)
