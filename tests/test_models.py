@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 import pytest
@@ -127,6 +128,7 @@ def test_classifier_num_classes_inference():
         ImageClassifier("SmallCNN")
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # steps called without a Trainer
 def test_classifier_steps():
     module = ImageClassifier(SmallCNN(width=4), label_smoothing=0.1)
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
@@ -164,6 +166,7 @@ def test_classifier_trains_with_the_trainer_and_reloads(tmp_path):
     assert torch.equal(restored.model.classifier.weight, module.model.classifier.weight)
 
 
+@pytest.mark.filterwarnings("ignore:Total length of `list` across ranks is zero")  # the empty val loader, on purpose
 def test_classifier_without_validation_set():
     datamodule = FashionMNISTDataModule(batch_size=64, train_subset=128, val_size=0)
     trainer = _trainer(max_epochs=1)
@@ -182,7 +185,8 @@ def test_classifier_with_the_sam_callback():
     assert {"train/loss", "val/acc", "sam/sharpness"} <= set(trainer.callback_metrics)
 
 
-def test_lightning_cli_parses_nested_class_paths(tmp_path):
+def test_lightning_cli_parses_nested_class_paths(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-sam"])  # pytest's own arguments are not for the CLI
     config = tmp_path / "config.yaml"
     config.write_text(
         """
@@ -222,8 +226,10 @@ trainer:
     assert "class_path: lightning_sam.models.SmallCNN" in dumped
 
     defaults = tmp_path / "defaults.yaml"
-    defaults.write_text("model:\n  class_path: lightning_sam.models.ImageClassifier\n  init_args:\n    model:\n"
-                        "      class_path: lightning_sam.models.SmallCNN\n")
+    defaults.write_text(
+        "model:\n  class_path: lightning_sam.models.ImageClassifier\n"
+        "  init_args:\n    model:\n      class_path: lightning_sam.models.SmallCNN\n"
+    )
     cli = LightningCLI(run=False, args=["--config", str(defaults)], save_config_callback=None)
     assert cli.model.configure_optimizers().param_groups[0]["weight_decay"] == 5e-4
     assert "optimizer: lightning_sam.models.default_optimizer" in cli.parser.dump(cli.config)
