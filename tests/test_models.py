@@ -47,7 +47,8 @@ def test_resnet18_shapes_and_size():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert _n_params(model) == 11_173_962  # the CIFAR ResNet-18
     assert ResNet18(num_classes=100, in_channels=1)(torch.randn(2, 1, 32, 32)).shape == (2, 100)
-    assert isinstance(model.stem[0], nn.Conv2d) and model.stem[0].stride == (1, 1) and model.stem[0].kernel_size == (3, 3)
+    stem = model.stem[0]
+    assert isinstance(stem, nn.Conv2d) and stem.stride == (1, 1) and stem.kernel_size == (3, 3)
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
     with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
         ResNet18(num_classes=0)

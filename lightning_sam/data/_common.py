@@ -27,6 +27,19 @@ def check_noise_rate(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
 
 
+def check_split_args(
+    *, batch_size: Any, num_workers: Any, val_size: Any, train_size: int, label_noise: Any, noise_seed: Any,
+    split_seed: Any,
+) -> None:
+    """The checks every data module makes of its loader, split and label-noise arguments."""
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("num_workers", num_workers, minimum=0)
+    check_int("val_size", val_size, minimum=0, maximum=train_size - 1)
+    check_noise_rate("label_noise", label_noise)
+    check_int("noise_seed", noise_seed, minimum=0)
+    check_int("split_seed", split_seed, minimum=0)
+
+
 def loader_kwargs(num_workers: int) -> dict[str, Any]:
     # Persistent workers keep their startup cost (imports, dataset copy) out of every epoch.
     return {"num_workers": num_workers, "persistent_workers": num_workers > 0}

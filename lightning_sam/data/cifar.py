@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from lightning_sam.data._common import NoisySplit, check_int, check_noise_rate, loader_kwargs, split_with_noise
+from lightning_sam.data._common import NoisySplit, check_int, check_split_args, loader_kwargs, split_with_noise
 
 
 class Cutout:
@@ -106,15 +106,13 @@ class CIFARDataModule(LightningDataModule):
             raise TypeError(f"{type(self).__name__} is a base class: use CIFAR10DataModule or CIFAR100DataModule")
         if not isinstance(data_dir, (str, Path)):
             raise ValueError(f"data_dir must be a path, got {data_dir!r}")
-        check_int("batch_size", batch_size, minimum=1)
-        check_int("num_workers", num_workers, minimum=0)
+        check_split_args(
+            batch_size=batch_size, num_workers=num_workers, val_size=val_size, train_size=self.train_size,
+            label_noise=label_noise, noise_seed=noise_seed, split_seed=split_seed,
+        )
         if not isinstance(download, bool):
             raise ValueError(f"download must be a bool, got {download!r}")
         check_int("cutout", cutout, minimum=0, maximum=self.dims[1])
-        check_noise_rate("label_noise", label_noise)
-        check_int("noise_seed", noise_seed, minimum=0)
-        check_int("val_size", val_size, minimum=0, maximum=self.train_size - 1)
-        check_int("split_seed", split_seed, minimum=0)
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.batch_size = batch_size

@@ -14,7 +14,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_sam.data._common import NoisySplit, check_int, check_noise_rate, loader_kwargs, split_with_noise
+from lightning_sam.data._common import NoisySplit, check_int, check_split_args, loader_kwargs, split_with_noise
 
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
@@ -150,7 +150,7 @@ def normalize(images: Tensor) -> Tensor:
     return images.unsqueeze(1).float().div_(255.0).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
 
 
-# ---------------------------------------------------------------------------------------------- dataset and augmentation
+# ------------------------------------------------------------------------------------- dataset and augmentation
 class TensorImageDataset(Dataset):
     """Images and labels held as two tensors; item ``i`` is ``(images[i], targets[i])``.
 
@@ -288,12 +288,10 @@ class FashionMNISTDataModule(LightningDataModule):
         super().__init__()
         if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
             raise ValueError(f"data_dir must be a path or None, got {data_dir!r}")
-        check_int("batch_size", batch_size, minimum=1)
-        check_int("num_workers", num_workers, minimum=0)
-        check_int("val_size", val_size, minimum=0, maximum=self.train_size - 1)
-        check_noise_rate("label_noise", label_noise)
-        check_int("noise_seed", noise_seed, minimum=0)
-        check_int("split_seed", split_seed, minimum=0)
+        check_split_args(
+            batch_size=batch_size, num_workers=num_workers, val_size=val_size, train_size=self.train_size,
+            label_noise=label_noise, noise_seed=noise_seed, split_seed=split_seed,
+        )
         if train_subset is not None:
             check_int("train_subset", train_subset, minimum=1, maximum=self.train_size - val_size)
         if not isinstance(augment, bool):
