@@ -43,7 +43,9 @@ def _build(model_name: str):
     return net, shape, classes
 
 
-def run_one(model_name: str, mode: str, device: str, batch: int, steps: int, warmup: int, threads: int) -> dict[str, Any]:
+def run_one(
+    model_name: str, mode: str, device: str, batch: int, steps: int, warmup: int, threads: int
+) -> dict[str, Any]:
     """One configuration, in this process."""
     import lightning.pytorch as pl
     import torch
@@ -151,17 +153,31 @@ def run_one(model_name: str, mode: str, device: str, batch: int, steps: int, war
             model = Classifier()
         loader = torch.utils.data.DataLoader(list(zip(xs, ys)), batch_size=None)
         trainer = pl.Trainer(
-            accelerator=device, devices=1, max_steps=total, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False,
+            accelerator=device,
+            devices=1,
+            max_steps=total,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
         )
         trainer.fit(model, loader)
 
     median = statistics.median(times)
     sam_math = math_time[0] / steps
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {
-        "model": model_name, "mode": mode, "device": device, "batch": batch, "median_step_s": median,
-        "sam_math_s": sam_math, "peak_memory_mb": peak / 2**20,
+        "model": model_name,
+        "mode": mode,
+        "device": device,
+        "batch": batch,
+        "median_step_s": median,
+        "sam_math_s": sam_math,
+        "peak_memory_mb": peak / 2**20,
         "params_mb": sum(p.numel() * p.element_size() for p in net.parameters()) / 2**20,
     }
 
@@ -169,7 +185,9 @@ def run_one(model_name: str, mode: str, device: str, batch: int, steps: int, war
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda if present)")
+    parser.add_argument(
+        "--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda if present)"
+    )
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=None, help="override the per-model default batch size")
@@ -191,8 +209,20 @@ def main() -> None:
     for device in devices:
         for model_name in args.models:
             for mode in MODES:
-                cmd = [sys.executable, __file__, "--_one", model_name, mode, device, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--_one",
+                    model_name,
+                    mode,
+                    device,
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--threads",
+                    str(args.threads),
+                ]
                 if args.batch:
                     cmd += ["--batch", str(args.batch)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -207,7 +237,8 @@ def main() -> None:
 def _table(rows: list[dict[str, Any]]) -> str:
     base = {(r["device"], r["model"], r["mode"]): r for r in rows}
     lines = [
-        "| device | model | batch | entry point | median step (ms) | vs SGD | SAM math (% of step) | peak memory (MB) |",
+        "| device | model | batch | entry point | median step (ms) | vs SGD | SAM math (% of step) "
+        "| peak memory (MB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

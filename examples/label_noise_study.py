@@ -33,8 +33,12 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(run["threads"])
     pl.seed_everything(run["seed"], verbose=False)
     data = FashionMNISTDataModule(
-        batch_size=128, val_size=5000, train_subset=run["train_subset"], label_noise=run["noise"],
-        noise_seed=run["seed"], split_seed=0,
+        batch_size=128,
+        val_size=5000,
+        train_subset=run["train_subset"],
+        label_noise=run["noise"],
+        noise_seed=run["seed"],
+        split_seed=0,
     )
     epochs = run["epochs"]
     module = ImageClassifier(
@@ -44,8 +48,14 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
     )
     callbacks = [SAM(rho=run["rho"])] if run["method"] == "sam" else []
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
@@ -54,13 +64,27 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
     # Accuracy on the (noisy) training labels in the last epoch: how much of the noise the network memorised.
     train_acc = float(trainer.callback_metrics.get("train/acc_epoch", float("nan")))
     test = trainer.test(module, datamodule=data, verbose=False)[0]
-    return {**run, "test_error": 1.0 - test["test/acc"], "test_loss": test["test/loss"], "val_acc": val_acc,
-            "train_acc": train_acc, "train_seconds": seconds}
+    return {
+        **run,
+        "test_error": 1.0 - test["test/acc"],
+        "test_loss": test["test/loss"],
+        "val_acc": val_acc,
+        "train_acc": train_acc,
+        "train_seconds": seconds,
+    }
 
 
 def _key(run: dict[str, Any]) -> tuple:
-    return (run["method"], run["noise"], run["seed"], run["rho"], run["epochs"], run["train_subset"], run["width"],
-            run["lr"])
+    return (
+        run["method"],
+        run["noise"],
+        run["seed"],
+        run["rho"],
+        run["epochs"],
+        run["train_subset"],
+        run["width"],
+        run["lr"],
+    )
 
 
 def study(args: argparse.Namespace) -> None:
@@ -69,9 +93,20 @@ def study(args: argparse.Namespace) -> None:
         with open(args.out) as f:
             done = {_key(json.loads(line)) for line in f if line.strip()}
     runs = [
-        dict(method=method, noise=noise, seed=seed, rho=args.rho, epochs=args.epochs, train_subset=args.train_subset,
-             width=args.width, lr=args.lr, threads=args.threads)
-        for seed in args.seeds for noise in args.noise for method in ("sgd", "sam")
+        dict(
+            method=method,
+            noise=noise,
+            seed=seed,
+            rho=args.rho,
+            epochs=args.epochs,
+            train_subset=args.train_subset,
+            width=args.width,
+            lr=args.lr,
+            threads=args.threads,
+        )
+        for seed in args.seeds
+        for noise in args.noise
+        for method in ("sgd", "sam")
     ]
     todo = [r for r in runs if _key(r) not in done]
     print(f"{len(runs) - len(todo)} runs done, {len(todo)} to go", flush=True)
@@ -80,8 +115,11 @@ def study(args: argparse.Namespace) -> None:
         for row in pool.imap_unordered(train_one, todo):
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"{row['method']} noise={row['noise']} seed={row['seed']}: test error {row['test_error']:.4f}"
-                  f" ({row['train_seconds']:.0f}s)", flush=True)
+            print(
+                f"{row['method']} noise={row['noise']} seed={row['seed']}: test error {row['test_error']:.4f}"
+                f" ({row['train_seconds']:.0f}s)",
+                flush=True,
+            )
 
 
 def report(args: argparse.Namespace) -> None:
@@ -89,18 +127,25 @@ def report(args: argparse.Namespace) -> None:
         rows = [json.loads(line) for line in f if line.strip()]
     # Only the runs of the settings asked for (a file may hold several studies); SGD ignores rho.
     wanted = dict(epochs=args.epochs, train_subset=args.train_subset, width=args.width, lr=args.lr)
-    rows = [r for r in rows if all(r[k] == v for k, v in wanted.items()) and (r["method"] == "sgd" or r["rho"] == args.rho)]
+    rows = [
+        r for r in rows if all(r[k] == v for k, v in wanted.items()) and (r["method"] == "sgd" or r["rho"] == args.rho)
+    ]
     cells: dict[tuple, list[float]] = {}
     for r in rows:
         cells.setdefault((r["noise"], r["method"]), []).append(r["test_error"])
     noises = sorted({n for n, _ in cells})
     lines = ["| label noise | SGD test error (%) | SAM test error (%) | SAM − SGD | seeds |", "|---|---|---|---|---|"]
+
+    def fmt(v: list[float]) -> str:
+        return f"{100 * statistics.mean(v):.2f} ± {100 * (statistics.stdev(v) if len(v) > 1 else 0):.2f}"
+
     for n in noises:
         sgd, sam = cells.get((n, "sgd"), []), cells.get((n, "sam"), [])
-        fmt = lambda v: f"{100 * statistics.mean(v):.2f} ± {100 * (statistics.stdev(v) if len(v) > 1 else 0):.2f}"
         diff = 100 * (statistics.mean(sam) - statistics.mean(sgd)) if sam and sgd else float("nan")
-        lines.append(f"| {int(100 * n)}% | {fmt(sgd) if sgd else '-'} | {fmt(sam) if sam else '-'} | {diff:+.2f} |"
-                     f" {min(len(sgd), len(sam))} |")
+        lines.append(
+            f"| {int(100 * n)}% | {fmt(sgd) if sgd else '-'} | {fmt(sam) if sam else '-'} | {diff:+.2f} |"
+            f" {min(len(sgd), len(sam))} |"
+        )
     print("\n".join(lines))
     if args.report:
         import matplotlib
@@ -111,8 +156,11 @@ def report(args: argparse.Namespace) -> None:
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for method, color in (("sgd", "tab:gray"), ("sam", "tab:blue")):
             means = [100 * statistics.mean(cells[(n, method)]) for n in noises if (n, method) in cells]
-            stds = [100 * (statistics.stdev(cells[(n, method)]) if len(cells[(n, method)]) > 1 else 0)
-                    for n in noises if (n, method) in cells]
+            stds = [
+                100 * (statistics.stdev(cells[(n, method)]) if len(cells[(n, method)]) > 1 else 0)
+                for n in noises
+                if (n, method) in cells
+            ]
             xs = [100 * n for n in noises if (n, method) in cells]
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=color, label=method.upper())
         ax.set_xlabel("symmetric label noise on the training set (%)")

@@ -114,7 +114,9 @@ class SAM(Callback):
         if pl_module.sam_config == SAMConfig():
             return  # the module leaves the settings to the callback
         if self.config != SAMConfig():
-            conflicts = ", ".join(f"{k}: module {a!r} vs callback {b!r}" for k, (a, b) in pl_module.sam_config.diff(self.config).items())
+            conflicts = ", ".join(
+                f"{k}: module {a!r} vs callback {b!r}" for k, (a, b) in pl_module.sam_config.diff(self.config).items()
+            )
             raise MisconfigurationException(
                 f"`{type(pl_module).__name__}` (a SAMModule) and the `SAM` callback set different SAM settings"
                 f" ({conflicts}). Configure SAM in one place."

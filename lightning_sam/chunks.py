@@ -24,8 +24,6 @@ def split_batch(batch: Any, m: int) -> list[tuple[Any, int]]:
         return [(batch, size)]
 
     def take(start: int, stop: int) -> Any:
-        return apply_to_collection(
-            batch, Tensor, lambda t: t[start:stop] if t.dim() > 0 and t.shape[0] == size else t
-        )
+        return apply_to_collection(batch, Tensor, lambda t: t[start:stop] if t.dim() > 0 and t.shape[0] == size else t)
 
     return [(take(start, min(start + m, size)), min(start + m, size) - start) for start in range(0, size, m)]

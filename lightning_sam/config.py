@@ -51,7 +51,8 @@ class SAMConfig:
             )
         if not _is_int(self.interval) or self.interval < 1:
             raise ValueError(
-                f"`interval` must be an integer >= 1 (SAM on every `interval`-th optimizer step), got {self.interval!r}."
+                f"`interval` must be an integer >= 1 (SAM on every `interval`-th optimizer step),"
+                f" got {self.interval!r}."
             )
         if self.bn_policy not in _BN_POLICIES:
             raise ValueError(f"`bn_policy` must be one of {_BN_POLICIES}, got {self.bn_policy!r}.")
@@ -79,7 +80,8 @@ class SAMConfig:
 def validate_rho(rho: Any, where: str = "`rho`") -> None:
     if not _is_real(rho) or not math.isfinite(rho) or rho <= 0:
         raise ValueError(
-            f"{where} must be a finite number > 0 (the radius of the SAM neighbourhood, 0.05 in the paper), got {rho!r}."
+            f"{where} must be a finite number > 0 (the radius of the SAM neighbourhood, 0.05 in the paper),"
+            f" got {rho!r}."
         )
 
 

@@ -68,7 +68,14 @@ class SAMModule(pl.LightningModule):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.sam_config = SAMConfig(
-            rho=rho, adaptive=adaptive, eta=eta, epsilon=epsilon, interval=interval, bn_policy=bn_policy, m=m, log=log_sam
+            rho=rho,
+            adaptive=adaptive,
+            eta=eta,
+            epsilon=epsilon,
+            interval=interval,
+            bn_policy=bn_policy,
+            m=m,
+            log=log_sam,
         )
         # An instance attribute, so that a subclass that overrides `configure_callbacks` still gets its SAM step.
         self.configure_callbacks = self._configure_callbacks_with_sam

@@ -101,7 +101,9 @@ class SAMOptimizer(Optimizer):
         return self._perturbation is not None
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, grad_scaler: Optional[torch.amp.GradScaler] = None) -> Optional[Tensor]:
+    def first_step(
+        self, zero_grad: bool = False, grad_scaler: Optional[torch.amp.GradScaler] = None
+    ) -> Optional[Tensor]:
         """Climb to w + ε using the current gradients; returns their norm (a tensor: no host sync).
 
         Pass the ``grad_scaler`` whose scaled loss made these gradients: an overflow then gives ε = 0 (the weights

@@ -16,9 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_sam import _lightning
 
 
-def step_schedulers(
-    trainer: pl.Trainer, interval: Literal["step", "epoch"], plateau: Optional[bool] = None
-) -> None:
+def step_schedulers(trainer: pl.Trainer, interval: Literal["step", "epoch"], plateau: Optional[bool] = None) -> None:
     """Step the schedulers whose ``interval`` is ``interval`` and whose ``frequency`` divides the current index.
 
     The index is the batch index + 1 for ``"step"`` and the epoch + 1 for ``"epoch"``, as in Lightning's automatic

@@ -53,7 +53,11 @@ class SAMCounters:
     """Perturbations skipped for a non-finite gradient norm; a device tensor between checkpoints (no host sync)."""
 
     def state_dict(self) -> dict[str, int]:
-        return {"sam_steps": self.sam_steps, "plain_steps": self.plain_steps, "nonfinite_skips": int(self.nonfinite_skips)}
+        return {
+            "sam_steps": self.sam_steps,
+            "plain_steps": self.plain_steps,
+            "nonfinite_skips": int(self.nonfinite_skips),
+        }
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.sam_steps = int(state.get("sam_steps", 0))

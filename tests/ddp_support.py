@@ -185,8 +185,9 @@ def load_ranks(out_dir: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- plain PyTorch DDP
-def plain_ddp_worker(rank: int, port: int, out_dir: str, use_no_sync: bool, steps: int, batch: int, rho: float,
-                     lr: float) -> None:
+def plain_ddp_worker(
+    rank: int, port: int, out_dir: str, use_no_sync: bool, steps: int, batch: int, rho: float, lr: float
+) -> None:
     """A hand-written DDP loop with ``SAMOptimizer`` (gloo, CPU). Rank r trains on its DistributedSampler shard."""
     from lightning_sam import SAMOptimizer
 
@@ -202,7 +203,7 @@ def plain_ddp_worker(rank: int, port: int, out_dir: str, use_no_sync: bool, step
         x, y = make_data()
         idx = shard_indices(rank)
         for step in range(steps):
-            sel = idx[step * batch:(step + 1) * batch]
+            sel = idx[step * batch : (step + 1) * batch]
             xb, yb = x[sel], y[sel]
             if use_no_sync:
                 with ddp.no_sync():
@@ -289,7 +290,7 @@ def reference_ddp_sam(
             idx = shard_indices(r)
             for j in range(accumulate):
                 mb = s * accumulate + j
-                shards.append((r, idx[mb * batch:(mb + 1) * batch]))
+                shards.append((r, idx[mb * batch : (mb + 1) * batch]))
         if mode == "global_eps":
             assert m is None and accumulate == 1
             gws, gbs = zip(*(_grads(w, b, x[sel], y[sel]) for _, sel in shards))
@@ -299,7 +300,7 @@ def reference_ddp_sam(
         for r, sel in shards:
             chunk = m or len(sel)
             for c in range(0, len(sel), chunk):
-                csel = sel[c:c + chunk]
+                csel = sel[c : c + chunk]
                 share = len(csel) / len(sel) / accumulate / WORLD
                 xc, yc = x[csel], y[csel]
                 if mode == "sgd":
@@ -323,5 +324,3 @@ def as_pair(params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 
 def max_diff(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> float:
     return max((a[0] - b[0]).abs().max().item(), (a[1] - b[1]).abs().max().item())
-
-

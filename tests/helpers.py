@@ -189,7 +189,7 @@ def ref_train(
         for i in window:
             if i in skip:
                 continue
-            if (sam_on(k) if sam_on is not None else k % interval == 0):
+            if sam_on(k) if sam_on is not None else k % interval == 0:
                 _, _, _, g = ref_sam_step(net, params, batches[i], rho)
             else:
                 _, g = ref_loss_and_grads(net, params, batches[i])

@@ -27,8 +27,15 @@ def initial_weights(dim: int = 3, seed: int = 1):
 class LinReg(pl.LightningModule):
     """Linear regression, MSE, plain SGD: written for automatic optimization, as a user would."""
 
-    def __init__(self, w: torch.Tensor, b: torch.Tensor, lr: float = 0.1, rho_bias: Optional[float] = None,
-                 optimizer: str = "sgd", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        w: torch.Tensor,
+        b: torch.Tensor,
+        lr: float = 0.1,
+        rho_bias: Optional[float] = None,
+        optimizer: str = "sgd",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.lin = torch.nn.Linear(w.shape[1], 1)
         with torch.no_grad():
@@ -55,8 +62,13 @@ class LinReg(pl.LightningModule):
 
 def trainer(**kwargs: Any) -> pl.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)

@@ -21,8 +21,14 @@ def linreg_loss(w: Tensor, b: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return (((x @ w.T).squeeze(-1) + b - y) ** 2).mean()
 
 
-def sam_epsilon(params: list[Tensor], grads: list[Tensor], rhos: list[float], adaptive: bool = False,
-                eta: float = 0.01, epsilon: float = 1e-12) -> list[Tensor]:
+def sam_epsilon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    rhos: list[float],
+    adaptive: bool = False,
+    eta: float = 0.01,
+    epsilon: float = 1e-12,
+) -> list[Tensor]:
     """ε = ρ·g/(‖g‖+epsilon), or ASAM's ρ·T²g/(‖T·g‖+epsilon) with T = |w|+eta, in float64."""
     ts = [(p.double().abs() + eta) if adaptive else torch.ones_like(p, dtype=torch.float64) for p in params]
     norm = torch.sqrt(sum(((t * g.double()) ** 2).sum() for t, g in zip(ts, grads)))
@@ -31,9 +37,18 @@ def sam_epsilon(params: list[Tensor], grads: list[Tensor], rhos: list[float], ad
     return [(rho * t * t * g.double() / (norm + epsilon)).to(p.dtype) for rho, t, g, p in zip(rhos, ts, grads, params)]
 
 
-def linreg_sam_sgd(w: Tensor, b: Tensor, batches: list[tuple[Tensor, Tensor]], lr: float, rho_w: float,
-                   rho_b: float | None = None, adaptive: bool = False, eta: float = 0.01, interval: int = 1,
-                   clip: float | None = None) -> tuple[Tensor, Tensor]:
+def linreg_sam_sgd(
+    w: Tensor,
+    b: Tensor,
+    batches: list[tuple[Tensor, Tensor]],
+    lr: float,
+    rho_w: float,
+    rho_b: float | None = None,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    interval: int = 1,
+    clip: float | None = None,
+) -> tuple[Tensor, Tensor]:
     """Plain SGD with SAM on linear regression, by hand. Returns the final (w, b)."""
     rho_b = rho_w if rho_b is None else rho_b
     w, b = w.clone(), b.clone()
@@ -43,15 +58,16 @@ def linreg_sam_sgd(w: Tensor, b: Tensor, batches: list[tuple[Tensor, Tensor]], l
             ew, eb = sam_epsilon([w, b], [gw, gb], [rho_w, rho_b], adaptive=adaptive, eta=eta)
             gw, gb = linreg_grads(w + ew, b + eb, x, y)
         if clip is not None:
-            norm = torch.sqrt((gw ** 2).sum() + (gb ** 2).sum())
+            norm = torch.sqrt((gw**2).sum() + (gb**2).sum())
             coef = min(1.0, clip / (float(norm) + 1e-6))
             gw, gb = gw * coef, gb * coef
         w, b = w - lr * gw, b - lr * gb
     return w, b
 
 
-def functional_sam_grads(model: torch.nn.Module, loss_fn, batch, rho: float, adaptive: bool = False,
-                         eta: float = 0.01) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+def functional_sam_grads(
+    model: torch.nn.Module, loss_fn, batch, rho: float, adaptive: bool = False, eta: float = 0.01
+) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
     """For any model: (∇L(w+ε) by name, L(w), L(w+ε), ‖g‖), evaluating w+ε with functional_call (no in-place)."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters()}

@@ -59,7 +59,10 @@ def test_update_matches_hand_computation_with_per_group_rho(face):
         from lightning_sam import SAMOptimizer
 
         module.configure_optimizers = lambda: SAMOptimizer(
-            [{"params": [module.lin.weight]}, {"params": [module.lin.bias], "rho": 0.5}], torch.optim.SGD, rho=0.2, lr=0.1
+            [{"params": [module.lin.weight]}, {"params": [module.lin.bias], "rho": 0.5}],
+            torch.optim.SGD,
+            rho=0.2,
+            lr=0.1,
         )
     t = trainer(callbacks=callbacks)
     t.fit(module, loader(batches))
@@ -271,7 +274,7 @@ def test_bf16_matches_an_autocast_reference(plugin):
     torch.testing.assert_close(first, loss.float(), rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(second, perturbed_loss.float(), rtol=1e-2, atol=1e-3)
     assert (second - first).abs() > 1e-2  # the second pass really ran at w + ε, not on stale cached casts
-    for (name, p), q in zip(module.net.named_parameters(), reference.parameters()):
+    for p, q in zip(module.net.parameters(), reference.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-2, atol=2e-3)
 
 

@@ -122,7 +122,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, variant):
     assert len(state) == 4 and all("momentum_buffer" in s for s in state.values())
     names = [n for n, _ in model_b.named_parameters()]
     for index, name in enumerate(names):
-        torch.testing.assert_close(state[index]["momentum_buffer"], ref_bufs[name.removeprefix("net.")], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            state[index]["momentum_buffer"], ref_bufs[name.removeprefix("net.")], rtol=0, atol=1e-6
+        )
     assert ckpt["lr_schedulers"][0]["last_epoch"] == HALF
 
     # SAM's counters: global steps 0..3 with interval 2 -> SAM at 0 and 2, plain at 1 and 3.

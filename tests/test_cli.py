@@ -58,17 +58,27 @@ def test_print_config_round_trips(config, capsys, tmp_path):
 
 def _fit_args(config: str, tmp_path: Path, *extra: str) -> list[str]:
     return [
-        "fit", "--config", str(ROOT / "examples" / "configs" / config),
-        "--trainer.max_steps=6", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
-        f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
-        "--data.init_args.train_subset=768", *extra,
+        "fit",
+        "--config",
+        str(ROOT / "examples" / "configs" / config),
+        "--trainer.max_steps=6",
+        "--trainer.limit_val_batches=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.train_subset=768",
+        *extra,
     ]
 
 
 @needs_data
 def test_fit_then_test_on_real_fashion_mnist(tmp_path):
-    cli = SAMLightningCLI(subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
-                          args=_fit_args("fashion_mnist_sam.yaml", tmp_path))
+    cli = SAMLightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=_fit_args("fashion_mnist_sam.yaml", tmp_path),
+    )
     trainer = cli.trainer
     sam = next(cb for cb in trainer.callbacks if isinstance(cb, SAM))
     assert trainer.global_step == 6 and sam.counters.sam_steps == 6
@@ -80,15 +90,28 @@ def test_fit_then_test_on_real_fashion_mnist(tmp_path):
     ckpt = torch.load(next(c for c in checkpoints if c.name == "last.ckpt"), weights_only=False)
     assert any("SAM" in key for key in ckpt["callbacks"])
 
-    main(["test", "--config", str(ROOT / "examples/configs/fashion_mnist_sam.yaml"), "--trainer.limit_test_batches=2",
-          "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}",
-          "--ckpt_path", str(checkpoints[0])])
+    main(
+        [
+            "test",
+            "--config",
+            str(ROOT / "examples/configs/fashion_mnist_sam.yaml"),
+            "--trainer.limit_test_batches=2",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--ckpt_path",
+            str(checkpoints[0]),
+        ]
+    )
 
 
 @needs_data
 def test_sam_optimizer_config_gets_the_sam_step(tmp_path):
-    cli = SAMLightningCLI(subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
-                          args=_fit_args("fashion_mnist_sam_optimizer.yaml", tmp_path))
+    cli = SAMLightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=_fit_args("fashion_mnist_sam_optimizer.yaml", tmp_path),
+    )
     sams = [cb for cb in cli.trainer.callbacks if isinstance(cb, SAM)]
     assert len(sams) == 1 and sams[0].counters.sam_steps == 6
     from lightning_sam import SAMOptimizer
@@ -118,7 +141,9 @@ def test_bad_rho_is_refused_before_training(tmp_path, capsys):
 def test_unknown_base_optimizer_is_refused(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     source = yaml.safe_load((ROOT / "examples/configs/fashion_mnist_sam_optimizer.yaml").read_text())
-    source["model"]["init_args"]["optimizer"]["init_args"]["base_optimizer"]["class_path"] = "torch.optim.NoSuchOptimizer"
+    source["model"]["init_args"]["optimizer"]["init_args"]["base_optimizer"]["class_path"] = (
+        "torch.optim.NoSuchOptimizer"
+    )
     config.write_text(yaml.safe_dump(source))
     message = _bad(tmp_path, capsys, "--config", str(config))
     assert "NoSuchOptimizer" in message

@@ -1,8 +1,8 @@
 """SAM under DDP: CPU, gloo, 2 processes, checked against an independent per-shard reference.
 
 Each Lightning run is a real ``Trainer(accelerator="cpu", devices=2)`` fit with ``DDPStrategy(start_method="fork")``
-(``strategy="ddp_fork"``): the children inherit the imported modules, so a fit takes well under a second (``"ddp_spawn"``
-re-imports torch and Lightning in every child, ~10 s per fit on 2 cores). Workers save their results to
+(``strategy="ddp_fork"``): the children inherit the imported modules, so a fit takes well under a second
+(``"ddp_spawn"`` re-imports torch and Lightning in every child, ~10 s per fit on 2 cores). Workers save their results to
 ``tmp_path/rank{r}.pt``; the reference (``ddp_support.reference_ddp_sam``) is written with plain loops and analytic
 gradients of linear regression in float64.
 
@@ -50,8 +50,9 @@ def master_port(monkeypatch: pytest.MonkeyPatch) -> int:
     return port
 
 
-def _trainer(tmp_path, strategy: DDPStrategy | None = None, record_warnings: bool = False, sam: SAM | None = None,
-             **kwargs: Any) -> Trainer:
+def _trainer(
+    tmp_path, strategy: DDPStrategy | None = None, record_warnings: bool = False, sam: SAM | None = None, **kwargs: Any
+) -> Trainer:
     callbacks = [S.Recorder(tmp_path, record_warnings=record_warnings)]
     if sam is not None:
         callbacks.insert(0, sam)
@@ -101,7 +102,7 @@ def _assert_seen_shards(results: list[dict], batch: int) -> None:
     x, _ = S.make_data()
     for res in results:
         idx = S.shard_indices(res["rank"])
-        expected = [x[idx[i * batch:(i + 1) * batch]] for i in range(len(idx) // batch)]
+        expected = [x[idx[i * batch : (i + 1) * batch]] for i in range(len(idx) // batch)]
         assert len(res["seen"]) == len(expected)
         for got, want in zip(res["seen"], expected):
             assert torch.equal(got, want)
@@ -145,7 +146,10 @@ def test_ddp_sam_matches_per_shard_reference_one_allreduce_per_step(tmp_path, ma
     assert [r["sam_counters"]["sam_steps"] for r in sam] == [steps, steps]
 
     # The same fit with plain SGD (automatic optimization, no SAM): the all-reduce count to match.
-    _fit(_trainer(sgd_dir, strategy=DDPStrategy(start_method="fork", timeout=S.TIMEOUT)), S.LinReg(batch, lr=LR, sam=False))
+    _fit(
+        _trainer(sgd_dir, strategy=DDPStrategy(start_method="fork", timeout=S.TIMEOUT)),
+        S.LinReg(batch, lr=LR, sam=False),
+    )
     sgd = S.load_ranks(sgd_dir)
     _assert_ranks_identical(sgd)
     _assert_matches(_step_params(sgd), S.reference_ddp_sam(steps, batch, RHO, LR, mode="sgd"))
@@ -238,8 +242,15 @@ def test_ddp_static_graph_is_refused(tmp_path, master_port):
     from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: F401
 
     # At the callback's setup (no processes needed) ...
-    trainer = Trainer(accelerator="cpu", devices=S.WORLD, strategy=DDPStrategy(static_graph=True), logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=S.WORLD,
+        strategy=DDPStrategy(static_graph=True),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(ValueError, match=r"static_graph=True\)` is not supported with SAM"):
         SAM(rho=RHO).setup(trainer, S.LinReg(4), "fit")
     # ... and through a real 2-process fit, where the error surfaces from the workers.
@@ -262,8 +273,16 @@ def test_ddp_sync_batchnorm_warns(where):
     module = S.LinReg(4, batchnorm=True)
     if where == "in_module":
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    trainer = Trainer(accelerator="cpu", devices=S.WORLD, strategy=DDPStrategy(), sync_batchnorm=where == "trainer_flag",
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=S.WORLD,
+        strategy=DDPStrategy(),
+        sync_batchnorm=where == "trainer_flag",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     assert (trainer.strategy._layer_sync is not None) == (where == "trainer_flag")
     trainer.strategy.connect(module)
     trainer.strategy.optimizers = [torch.optim.SGD(module.parameters(), lr=LR)]

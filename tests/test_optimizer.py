@@ -32,8 +32,12 @@ def test_first_and_second_step_match_hand_computation(adaptive):
     model, batches = _problem()
     w_ref, b_ref = linreg_sam_sgd(*_initial(model), batches, lr=0.1, rho_w=0.2, rho_b=0.5, adaptive=adaptive, eta=0.05)
     opt = SAMOptimizer(
-        [{"params": [model.weight]}, {"params": [model.bias], "rho": 0.5}], torch.optim.SGD, rho=0.2, adaptive=adaptive,
-        eta=0.05, lr=0.1,
+        [{"params": [model.weight]}, {"params": [model.bias], "rho": 0.5}],
+        torch.optim.SGD,
+        rho=0.2,
+        adaptive=adaptive,
+        eta=0.05,
+        lr=0.1,
     )
     for x, y in batches:
         _loss(model, x, y).backward()
@@ -51,6 +55,7 @@ def test_step_with_closure_matches_hand_computation(precomputed):
     opt = SAMOptimizer(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
     calls = 0
     for x, y in batches:
+
         def closure():
             nonlocal calls
             calls += 1
@@ -190,6 +195,7 @@ def test_step_with_closure_never_reuses_old_gradients():
     w_ref, b_ref = linreg_sam_sgd(*_initial(model), batches, lr=0.1, rho_w=0.1)
     opt = SAMOptimizer(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
     for x, y in batches:
+
         def closure():
             loss = _loss(model, x, y)
             loss.backward()

@@ -23,7 +23,10 @@ def test_epsilon_matches_formula_with_per_group_rho(adaptive):
     params = _params([(4, 3), (3,), (2, 2, 2)])
     w0 = [p.detach().clone() for p in params]
     grads = [p.grad.clone() for p in params]
-    groups = [PerturbGroup(params[:2], rho=0.05, adaptive=adaptive, eta=0.1), PerturbGroup(params[2:], rho=0.3, adaptive=adaptive, eta=0.1)]
+    groups = [
+        PerturbGroup(params[:2], rho=0.05, adaptive=adaptive, eta=0.1),
+        PerturbGroup(params[2:], rho=0.3, adaptive=adaptive, eta=0.1),
+    ]
     pert = perturb_(groups, epsilon=1e-12)
     expected = sam_epsilon(w0, grads, [0.05, 0.05, 0.3], adaptive=adaptive, eta=0.1)
     for p, w, e in zip(params, w0, expected):
@@ -39,7 +42,7 @@ def test_epsilon_has_norm_rho_and_points_up_the_gradient():
     w0 = [p.detach().clone() for p in params]
     perturb_([PerturbGroup(params, rho=0.07)])
     eps = [p.detach() - w for p, w in zip(params, w0)]
-    assert math.sqrt(sum(float((e ** 2).sum()) for e in eps)) == pytest.approx(0.07, rel=1e-5)
+    assert math.sqrt(sum(float((e**2).sum()) for e in eps)) == pytest.approx(0.07, rel=1e-5)
     assert sum(float((e * g).sum()) for e, g in zip(eps, grads)) > 0
 
 

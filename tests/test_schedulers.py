@@ -18,7 +18,11 @@ LR = 0.1
 
 
 def _step_lr_freq2(opt):
-    return {"scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5), "interval": "step", "frequency": 2}
+    return {
+        "scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+        "interval": "step",
+        "frequency": 2,
+    }
 
 
 def _step_lr_epoch(opt):

@@ -28,7 +28,13 @@ def check_noise_rate(name: str, value: Any) -> None:
 
 
 def check_split_args(
-    *, batch_size: Any, num_workers: Any, val_size: Any, train_size: int, label_noise: Any, noise_seed: Any,
+    *,
+    batch_size: Any,
+    num_workers: Any,
+    val_size: Any,
+    train_size: int,
+    label_noise: Any,
+    noise_seed: Any,
     split_seed: Any,
 ) -> None:
     """The checks every data module makes of its loader, split and label-noise arguments."""

@@ -107,8 +107,13 @@ class CIFARDataModule(LightningDataModule):
         if not isinstance(data_dir, (str, Path)):
             raise ValueError(f"data_dir must be a path, got {data_dir!r}")
         check_split_args(
-            batch_size=batch_size, num_workers=num_workers, val_size=val_size, train_size=self.train_size,
-            label_noise=label_noise, noise_seed=noise_seed, split_seed=split_seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_size=val_size,
+            train_size=self.train_size,
+            label_noise=label_noise,
+            noise_seed=noise_seed,
+            split_seed=split_seed,
         )
         if not isinstance(download, bool):
             raise ValueError(f"download must be a bool, got {download!r}")

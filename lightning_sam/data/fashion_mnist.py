@@ -289,8 +289,13 @@ class FashionMNISTDataModule(LightningDataModule):
         if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
             raise ValueError(f"data_dir must be a path or None, got {data_dir!r}")
         check_split_args(
-            batch_size=batch_size, num_workers=num_workers, val_size=val_size, train_size=self.train_size,
-            label_noise=label_noise, noise_seed=noise_seed, split_seed=split_seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_size=val_size,
+            train_size=self.train_size,
+            label_noise=label_noise,
+            noise_seed=noise_seed,
+            split_seed=split_seed,
         )
         if train_subset is not None:
             check_int("train_subset", train_subset, minimum=1, maximum=self.train_size - val_size)
