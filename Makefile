@@ -9,7 +9,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG ?= examples/configs/fashion_mnist_sam.yaml
 
-.PHONY: setup train test docs bench clean
+.PHONY: setup train test lint docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check lightning_sam tests benchmarks examples
 
 docs: setup
 	$(BIN)/mkdocs build --strict
