@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -27,7 +28,9 @@ import sys
 import time
 from typing import Any
 
-MODES = ("sgd", "callback", "mixin", "torch-sgd", "sam-optimizer")
+MODES = ("sgd", "callback", "mixin", "torch-sgd", "sam-optimizer", "peer-sam")
+# "peer-sam": the SAM of PyPI's pytorch-optimizer (`pip install pytorch-optimizer`), in the same plain loop as
+# "sam-optimizer"; skipped when it is not installed.
 MODELS = {
     # name: (constructor, input shape, classes, default batch on CPU, on CUDA)
     "small_cnn": ("SmallCNN", (1, 28, 28), 10, 128, 256),
@@ -88,10 +91,14 @@ def run_one(
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    if mode in ("torch-sgd", "sam-optimizer"):
+    if mode in ("torch-sgd", "sam-optimizer", "peer-sam"):
         net = net.to(device)
         if mode == "torch-sgd":
             opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        elif mode == "peer-sam":
+            from pytorch_optimizer import SAM as PeerSAM
+
+            opt = PeerSAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9)
         else:
             opt = SAMOptimizer(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9)
         for i in range(total):
@@ -156,6 +163,7 @@ def run_one(
             accelerator=device,
             devices=1,
             max_steps=total,
+            callbacks=callbacks,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -209,6 +217,9 @@ def main() -> None:
     for device in devices:
         for model_name in args.models:
             for mode in MODES:
+                if mode == "peer-sam" and importlib.util.find_spec("pytorch_optimizer") is None:
+                    print("  skipping peer-sam: pip install pytorch-optimizer to compare", file=sys.stderr)
+                    continue
                 cmd = [
                     sys.executable,
                     __file__,
@@ -242,9 +253,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ref = base.get((r["device"], r["model"], "torch-sgd" if r["mode"] == "sam-optimizer" else "sgd"))
+        plain_loop = r["mode"] in ("sam-optimizer", "peer-sam")
+        ref = base.get((r["device"], r["model"], "torch-sgd" if plain_loop else "sgd"))
         ratio = r["median_step_s"] / ref["median_step_s"] if ref and r["mode"] not in ("sgd", "torch-sgd") else None
-        share = 100 * r["sam_math_s"] / r["median_step_s"] if r["mode"] not in ("sgd", "torch-sgd") else None
+        ours = r["mode"] in ("callback", "mixin", "sam-optimizer")
+        share = 100 * r["sam_math_s"] / r["median_step_s"] if ours else None
         lines.append(
             f"| {r['device']} | {r['model']} | {r['batch']} | {r['mode']} | {r['median_step_s'] * 1e3:.1f} | "
             f"{'' if ratio is None else f'{ratio:.2f}x'} | {'' if share is None else f'{share:.2f}'} | "
