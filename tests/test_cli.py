@@ -71,47 +71,46 @@ def _fit_args(config: str, tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-@needs_data
-def test_fit_then_test_on_real_fashion_mnist(tmp_path):
-    cli = SAMLightningCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=_fit_args("fashion_mnist_sam.yaml", tmp_path),
+def _cli(args: list[str]) -> SAMLightningCLI:
+    return SAMLightningCLI(
+        subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args
     )
+
+
+@needs_data
+def test_fit_validate_test_predict_on_real_fashion_mnist(tmp_path):
+    cli = _cli(_fit_args("fashion_mnist_sam.yaml", tmp_path))
     trainer = cli.trainer
     sam = next(cb for cb in trainer.callbacks if isinstance(cb, SAM))
     assert trainer.global_step == 6 and sam.counters.sam_steps == 6
-    assert 0.0 <= float(trainer.callback_metrics["val/acc"]) <= 1.0
+    fit_val_acc = float(trainer.callback_metrics["val/acc"])
+    assert 0.1 < fit_val_acc <= 1.0  # 6 SAM steps on real data already beat chance
     assert "sam/sharpness" in trainer.logged_metrics
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert checkpoints, "no checkpoint written"
     assert list(tmp_path.rglob("events.out.tfevents.*")), "no TensorBoard log"
-    ckpt = torch.load(next(c for c in checkpoints if c.name == "last.ckpt"), weights_only=False)
+    last = next(c for c in checkpoints if c.name == "last.ckpt")
+    ckpt = torch.load(last, weights_only=False)
     assert any("SAM" in key for key in ckpt["callbacks"])
 
-    main(
-        [
-            "test",
-            "--config",
-            str(ROOT / "examples/configs/fashion_mnist_sam.yaml"),
-            "--trainer.limit_test_batches=2",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--ckpt_path",
-            str(checkpoints[0]),
-        ]
-    )
+    def run(subcommand: str, *extra: str) -> SAMLightningCLI:
+        config = str(ROOT / "examples/configs/fashion_mnist_sam.yaml")
+        common = ["--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+        return _cli([subcommand, "--config", config, *common, *extra, "--ckpt_path", str(last)])
+
+    # The same weights on the same two validation batches: the fit's last validation accuracy, exactly.
+    validated = run("validate", "--trainer.limit_val_batches=2")
+    assert float(validated.trainer.callback_metrics["val/acc"]) == pytest.approx(fit_val_acc, abs=1e-6)
+    tested = run("test", "--trainer.limit_test_batches=2")
+    assert 0.1 < float(tested.trainer.callback_metrics["test/acc"]) <= 1.0
+    predicted = run("predict", "--trainer.limit_predict_batches=2")
+    classes = torch.cat(predicted.trainer.predict_loop.predictions)
+    assert classes.shape == (256,) and classes.min() >= 0 and classes.max() < 10
 
 
 @needs_data
 def test_sam_optimizer_config_gets_the_sam_step(tmp_path):
-    cli = SAMLightningCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=_fit_args("fashion_mnist_sam_optimizer.yaml", tmp_path),
-    )
+    cli = _cli(_fit_args("fashion_mnist_sam_optimizer.yaml", tmp_path))
     sams = [cb for cb in cli.trainer.callbacks if isinstance(cb, SAM)]
     assert len(sams) == 1 and sams[0].counters.sam_steps == 6
     from lightning_sam import SAMOptimizer
