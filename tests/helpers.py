@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_helpers import trainer
+
 D_IN = 4
 
 
@@ -83,19 +85,8 @@ class TinyModule(pl.LightningModule):
 
 
 def make_trainer(**kwargs: Any) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        enable_progress_bar=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    """The quiet CPU Trainer of lightning_helpers, deterministic and without a sanity check."""
+    return trainer(**{"num_sanity_val_steps": 0, "deterministic": True, **kwargs})
 
 
 class StepRecorder(Callback):
