@@ -58,6 +58,13 @@ def adopt_automatic_step_count(trainer: pl.Trainer) -> None:
         steps.ready, steps.completed = auto.ready, auto.completed
 
 
+def count_optimizers(optim_conf: Any) -> int:
+    """How many optimizers a ``configure_optimizers`` result holds, parsed as Lightning parses it."""
+    from lightning.pytorch.core.optimizer import _configure_optimizers
+
+    return len(_configure_optimizers(optim_conf)[0])
+
+
 def check_world_size_for_skip(trainer: pl.Trainer) -> None:
     if trainer.world_size > 1:
         raise RuntimeError(

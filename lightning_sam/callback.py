@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -76,6 +76,7 @@ class SAM(Callback):
         )
         self.counters = SAMCounters()
         self._step: Optional[SAMStep] = None
+        self._restore_configure_optimizers: Optional[Callable[[], None]] = None
 
     @classmethod
     def from_config(cls, config: SAMConfig) -> SAM:
@@ -105,6 +106,34 @@ class SAM(Callback):
                 " use param groups rather than several optimizers.)"
             )
         self._adopt_module_settings(pl_module)
+        self._check_one_optimizer(pl_module)
+
+    def _check_one_optimizer(self, pl_module: pl.LightningModule) -> None:
+        """Refuse several optimizers as ``configure_optimizers`` returns them, before Lightning's automatic-mode check
+        (which would advise manual optimization, the one thing the SAM callback cannot take)."""
+        configured = pl_module.configure_optimizers
+        previous = pl_module.__dict__.get("configure_optimizers")  # e.g. LightningCLI's, kept as it was
+
+        def restore() -> None:
+            if pl_module.__dict__.get("configure_optimizers") is configure_optimizers:
+                if previous is None:
+                    del pl_module.__dict__["configure_optimizers"]
+                else:
+                    pl_module.configure_optimizers = previous
+
+        def configure_optimizers() -> Any:
+            restore()
+            result = configured()
+            count = _lightning.count_optimizers(result)
+            if count != 1:
+                raise MisconfigurationException(
+                    f"SAM needs exactly one optimizer, but `configure_optimizers` returned {count}. Put all"
+                    " parameters in one optimizer (use param groups for different settings)."
+                )
+            return result
+
+        pl_module.configure_optimizers = configure_optimizers
+        self._restore_configure_optimizers = restore  # in case the fit stops before optimizers are configured
 
     def _adopt_module_settings(self, pl_module: pl.LightningModule) -> None:
         from lightning_sam.module import SAMModule
@@ -157,6 +186,9 @@ class SAM(Callback):
         self._uninstall()
 
     def _uninstall(self) -> None:
+        if self._restore_configure_optimizers is not None:
+            self._restore_configure_optimizers()
+            self._restore_configure_optimizers = None
         if self._step is not None:
             self._step.uninstall()
             self._step = None
