@@ -1,15 +1,20 @@
 """Every use of Lightning internals in one place, so a Lightning upgrade is checked here and nowhere else.
 
-Manual optimization leaves gradient accumulation, clipping and LR scheduling to the user; the SAM step does them
-as automatic optimization would, and needs a few facts that Lightning keeps in its loops.
+The ``SAM`` callback keeps automatic optimization and needs little from here. ``SAMModule`` runs in manual
+optimization and calls the hooks that Lightning's automatic loop calls (``loops/optimization/automatic.py``:
+``_on_before_zero_grad``, ``_optimizer_zero_grad``, ``_optimizer_step``), in the same order, with the same
+arguments.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer import call
+
+from lightning_sam.patching import Patcher
 
 
 def should_accumulate(trainer: pl.Trainer) -> bool:
@@ -17,9 +22,9 @@ def should_accumulate(trainer: pl.Trainer) -> bool:
     return trainer.fit_loop._should_accumulate()
 
 
-def epoch_batches_done(trainer: pl.Trainer) -> bool:
-    """True when the epoch ran all its batches (not cut short by ``max_steps``): when epoch schedulers step."""
-    return trainer.fit_loop.epoch_loop._num_ready_batches_reached()
+def skip_backward(trainer: pl.Trainer) -> bool:
+    """True while Lightning skips backward and the optimizer step (SWA's BatchNorm epoch)."""
+    return bool(trainer.fit_loop._skip_backward)
 
 
 def batch_idx(trainer: pl.Trainer) -> int:
@@ -73,7 +78,92 @@ def check_world_size_for_skip(trainer: pl.Trainer) -> None:
         )
 
 
-def lr_scheduler_step(trainer: pl.Trainer, module: pl.LightningModule, config: Any, monitor_val: Any) -> None:
-    from lightning.pytorch.trainer import call
+def zero_grad(trainer: pl.Trainer, batch_idx: int) -> None:
+    """``on_before_zero_grad`` (callbacks, then module) and the module's ``optimizer_zero_grad``, as automatic."""
+    optimizer = trainer.optimizers[0]
+    call._call_callback_hooks(trainer, "on_before_zero_grad", optimizer)
+    call._call_lightning_module_hook(trainer, "on_before_zero_grad", optimizer)
+    call._call_lightning_module_hook(trainer, "optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer)
 
-    call._call_lightning_module_hook(trainer, "lr_scheduler_step", config.scheduler, monitor_val)
+
+def optimizer_step(trainer: pl.Trainer, batch_idx: int, closure: Callable[[], Any]) -> None:
+    """The module's ``optimizer_step`` hook with the ``LightningOptimizer`` and a closure, as automatic."""
+    optimizer = trainer.strategy._lightning_optimizers[0]
+    call._call_lightning_module_hook(trainer, "optimizer_step", trainer.current_epoch, batch_idx, optimizer, closure)
+
+
+def clip_and_schedule_as_in_automatic(trainer: pl.Trainer, patcher: Patcher) -> None:
+    """Let Lightning clip gradients and step LR schedulers for a module in manual optimization.
+
+    Both return early in manual optimization: ``Precision._clip_gradients`` (called after ``on_before_optimizer_step``
+    with unscaled gradients) and ``_TrainingEpochLoop._update_learning_rates`` (called after each optimizer step,
+    after a mid-epoch validation for plateau schedulers, and at epoch end). The patches run Lightning's own code with
+    the module reading as automatic for the duration of the call, so ``interval``, ``frequency``, ``monitor``,
+    ``strict`` and the order against validation and checkpoints are Lightning's.
+    """
+    precision, epoch_loop = trainer.precision_plugin, trainer.fit_loop.epoch_loop
+    for owner, name in ((precision, "_clip_gradients"), (epoch_loop, "_update_learning_rates")):
+        patcher.set(owner, name, _AsAutomatic(trainer, getattr(owner, name)))
+
+
+class _AsAutomatic:
+    def __init__(self, trainer: pl.Trainer, fn: Callable[..., Any]) -> None:
+        self.trainer, self.fn = trainer, fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        patcher = Patcher()
+        patcher.set(self.trainer.lightning_module, "_automatic_optimization", True)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            patcher.restore()
+
+
+def takes_dataloader_iter(module: pl.LightningModule) -> bool:
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+    return is_param_in_hook_signature(module.training_step, "dataloader_iter", explicit=True)
+
+
+def check_manual_optimization_features(trainer: pl.Trainer, module_name: str) -> None:
+    """Refuse the Trainer features that Lightning 2.6 does not run for a module in manual optimization.
+
+    ``ModelCheckpoint.on_train_batch_end`` has a manual-optimization branch that ignores ``train_time_interval``,
+    and ``GradientAccumulationScheduler`` raises for manual optimization: the SAM callback, which keeps automatic
+    optimization, supports both.
+    """
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    def refuse(feature: str, alternative: str) -> None:
+        raise MisconfigurationException(
+            f"`{module_name}` is a SAMModule, which trains in manual optimization, where Lightning does not run"
+            f" {feature}. Use {alternative}, or train the module without the SAMModule base and with"
+            " `Trainer(callbacks=[lightning_sam.SAM(...)])`, which keeps automatic optimization and supports it."
+        )
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradientAccumulationScheduler):
+            refuse("`GradientAccumulationScheduler`", "a fixed `accumulate_grad_batches`")
+        if isinstance(callback, ModelCheckpoint) and callback._train_time_interval is not None:
+            refuse("`ModelCheckpoint(train_time_interval=...)`", "`every_n_train_steps` or `every_n_epochs`")
+
+
+def quiet_manual_checkpoint_warning() -> Callable[[], None]:
+    """Silence, until the returned function is called, ``ModelCheckpoint``'s manual-optimization warning.
+
+    It says that an ``every_n_train_steps`` checkpoint holds the state after the optimizer step, advising to save
+    the state before it. SAMModule steps inside ``training_step``, so the checkpoint holds what automatic
+    optimization would save: the warning does not apply.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
+    entry = warnings.filters[0]
+
+    def remove() -> None:
+        if entry in warnings.filters:
+            warnings.filters.remove(entry)
+            warnings._filters_mutated()
+
+    return remove

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -11,10 +11,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_sam import _lightning
-from lightning_sam.config import BatchNormPolicy, SAMConfig
+from lightning_sam.config import BatchNormPolicy, SAMConfig, validate_param_groups
 from lightning_sam.distributed import check_strategy, warn_sync_batchnorm
 from lightning_sam.optimizer import SAMOptimizer
-from lightning_sam.step import SAMCounters, SAMStep
+from lightning_sam.patching import Patcher
+from lightning_sam.step import SAMCounters, SAMPasses
+from lightning_sam.training_step import AutomaticSAMStep, ManualSAMStep
 
 _MATH_SETTINGS = ("rho", "adaptive", "eta", "epsilon")
 
@@ -24,13 +26,14 @@ class SAM(Callback):
 
     Each optimizer step climbs to the worst point w + ε of a ρ-ball around the weights (ε = ρ·g/‖g‖), takes the
     gradient there, returns to w bit for bit, and lets the module's own optimizer (SGD, AdamW, ...) step with that
-    gradient. The module keeps its automatic-optimization ``training_step`` (returning the loss, or a dict with
-    ``"loss"``); the callback switches it to manual optimization for the run and runs both passes itself.
-
-    Works with ``precision="32-true"``, ``"bf16-mixed"`` and ``"16-mixed"`` (the fp16 scaler skips a step whose
-    first pass overflows), ``Trainer(gradient_clip_val=...)`` (by norm, applied to the final gradient after
-    unscaling), ``accumulate_grad_batches``, LR schedulers with their ``interval`` / ``frequency`` / ``monitor``,
-    and DDP with ε computed per device (m-sharpness).
+    gradient. The module stays as it is, in automatic optimization, with its ``training_step`` (returning the loss,
+    or a dict with ``"loss"``): the callback runs both passes inside the strategy's ``training_step`` and hands
+    Lightning one loss whose value is the loss at w and whose backward gives the gradient at w + ε. Lightning's own
+    loop then does everything else as without SAM: precision and the fp16 scaler (a step whose first pass overflows
+    is skipped), zero-grad and backward hooks, ``accumulate_grad_batches`` and ``GradientAccumulationScheduler``,
+    ``gradient_clip_val`` (by norm, on the final gradient after unscaling), the module's ``optimizer_step`` and
+    ``optimizer_zero_grad`` overrides, LR schedulers, checkpoints, SWA, and DDP's single all-reduce (ε stays
+    per device: m-sharpness). A ``SAMModule`` is run in manual optimization instead (see there).
 
     Args:
         rho: Neighbourhood radius ρ (0.05 in the paper). A param group may override it with a ``"rho"`` key.
@@ -48,7 +51,9 @@ class SAM(Callback):
     Raises:
         ValueError: at construction, for a setting out of range; at ``setup``, for an unsupported strategy.
         MisconfigurationException: at ``setup``, for ``gradient_clip_algorithm="value"``, a module in manual
-            optimization or a second ``SAM`` callback; at ``on_fit_start``, for more than one optimizer.
+            optimization, a ``training_step`` that takes ``dataloader_iter`` or a second ``SAM`` callback; when
+            ``configure_optimizers`` returns, for more than one optimizer; at ``on_fit_start``, for a param group
+            with a bad ``rho`` / ``adaptive`` / ``eta``.
 
     Example:
 
@@ -75,8 +80,9 @@ class SAM(Callback):
             rho=rho, adaptive=adaptive, eta=eta, epsilon=epsilon, interval=interval, bn_policy=bn_policy, m=m, log=log
         )
         self.counters = SAMCounters()
-        self._step: Optional[SAMStep] = None
-        self._restore_configure_optimizers: Optional[Callable[[], None]] = None
+        self._step: Optional[Union[AutomaticSAMStep, ManualSAMStep]] = None
+        self._patcher = Patcher()
+        self._configure_patch = Patcher()
 
     @classmethod
     def from_config(cls, config: SAMConfig) -> SAM:
@@ -105,24 +111,25 @@ class SAM(Callback):
                 " `lightning_sam.SAMOptimizer` (first_step / second_step) yourself. (SAM needs exactly one optimizer:"
                 " use param groups rather than several optimizers.)"
             )
+        if _lightning.takes_dataloader_iter(pl_module):
+            raise MisconfigurationException(
+                "`training_step(self, dataloader_iter)` cannot be used with SAM: SAM calls `training_step` twice per"
+                " step (at w and at w + ε), and the second call would pull another batch. Take `batch` (and"
+                " optionally `batch_idx`) instead."
+            )
         self._adopt_module_settings(pl_module)
+        if _manual(pl_module):
+            _lightning.check_manual_optimization_features(trainer, type(pl_module).__name__)
         self._check_one_optimizer(pl_module)
 
     def _check_one_optimizer(self, pl_module: pl.LightningModule) -> None:
         """Refuse several optimizers as ``configure_optimizers`` returns them, before Lightning's automatic-mode check
         (which would advise manual optimization, the one thing the SAM callback cannot take)."""
         configured = pl_module.configure_optimizers
-        previous = pl_module.__dict__.get("configure_optimizers")  # e.g. LightningCLI's, kept as it was
-
-        def restore() -> None:
-            if pl_module.__dict__.get("configure_optimizers") is configure_optimizers:
-                if previous is None:
-                    del pl_module.__dict__["configure_optimizers"]
-                else:
-                    pl_module.configure_optimizers = previous
+        patcher = self._configure_patch
 
         def configure_optimizers() -> Any:
-            restore()
+            patcher.restore()  # the module's own (or LightningCLI's) again, as before
             result = configured()
             count = _lightning.count_optimizers(result)
             if count != 1:
@@ -132,34 +139,34 @@ class SAM(Callback):
                 )
             return result
 
-        pl_module.configure_optimizers = configure_optimizers
-        self._restore_configure_optimizers = restore  # in case the fit stops before optimizers are configured
+        patcher.set(pl_module, "configure_optimizers", configure_optimizers)
 
     def _adopt_module_settings(self, pl_module: pl.LightningModule) -> None:
-        from lightning_sam.module import SAMModule
-
-        if not isinstance(pl_module, SAMModule) or pl_module.sam_config == self.config:
+        module_config = getattr(pl_module, "sam_config", None)
+        if not isinstance(module_config, SAMConfig) or module_config == self.config:
             return
-        if pl_module.sam_config == SAMConfig():
+        if module_config == SAMConfig():
             return  # the module leaves the settings to the callback
         if self.config != SAMConfig():
             conflicts = ", ".join(
-                f"{k}: module {a!r} vs callback {b!r}" for k, (a, b) in pl_module.sam_config.diff(self.config).items()
+                f"{k}: module {a!r} vs callback {b!r}" for k, (a, b) in module_config.diff(self.config).items()
             )
             raise MisconfigurationException(
                 f"`{type(pl_module).__name__}` (a SAMModule) and the `SAM` callback set different SAM settings"
                 f" ({conflicts}). Configure SAM in one place."
             )
-        self.config = pl_module.sam_config
+        self.config = module_config
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._configure_patch.restore()  # `configure_optimizers` has run (unless the fit stopped before)
         if len(trainer.optimizers) != 1:
             raise MisconfigurationException(
                 f"SAM needs exactly one optimizer, but `configure_optimizers` returned {len(trainer.optimizers)}."
                 " Put all parameters in one optimizer (use param groups for different settings)."
             )
         optimizer = trainer.optimizers[0]
+        math = self.config
         if isinstance(optimizer, SAMOptimizer):
             changed = {k: v for k, v in self.config.diff(SAMConfig()).items() if k in _MATH_SETTINGS}
             clashes = {k for k in changed if getattr(optimizer.config, k) != getattr(self.config, k)}
@@ -167,14 +174,22 @@ class SAM(Callback):
                 raise MisconfigurationException(
                     f"The SAMOptimizer and the `SAM` callback both set {sorted(clashes)} differently. Set them on one."
                 )
+            math = SAMConfig(**{**self.config.to_dict(), **{k: getattr(optimizer.config, k) for k in _MATH_SETTINGS}})
+            # Lightning calls `step` as for any optimizer; the passes are run here.
+            self._patcher.set(optimizer, "base_steps_only", True)
+        validate_param_groups(optimizer.param_groups, math)
         warn_sync_batchnorm(trainer, pl_module)
-        self._step = SAMStep(self.config, self.counters)
-        self._step.install(trainer, pl_module)
+        passes = SAMPasses(math, self.counters, optimizer)
+        step_class = ManualSAMStep if _manual(pl_module) else AutomaticSAMStep
+        self._step = step_class(trainer, pl_module, passes, math)
+        self._step.install()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Loop state is restored by now: a checkpoint written without SAM counted its steps in the automatic counter.
-        _lightning.adopt_automatic_step_count(trainer)
+        if isinstance(self._step, ManualSAMStep):
+            # Loop state is restored by now: a checkpoint written without SAM counted its steps in the automatic
+            # counter.
+            _lightning.adopt_automatic_step_count(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -186,12 +201,11 @@ class SAM(Callback):
         self._uninstall()
 
     def _uninstall(self) -> None:
-        if self._restore_configure_optimizers is not None:
-            self._restore_configure_optimizers()
-            self._restore_configure_optimizers = None
         if self._step is not None:
             self._step.uninstall()
             self._step = None
+        self._patcher.restore()
+        self._configure_patch.restore()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -206,3 +220,8 @@ class SAM(Callback):
                 f"Resuming with SAM settings that differ from the checkpoint's: {saved.diff(self.config)}"
                 " (checkpoint, now). The current settings are used."
             )
+
+
+def _manual(pl_module: pl.LightningModule) -> bool:
+    """``SAMModule`` trains in manual optimization; every other module keeps automatic optimization."""
+    return bool(getattr(pl_module, "sam_manual_optimization", False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Optional
 
 BatchNormPolicy = Literal["first", "both"]
@@ -75,6 +76,19 @@ class SAMConfig:
         """The settings that differ, as ``{name: (self's, other's)}``."""
         mine, theirs = self.to_dict(), other.to_dict()
         return {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+
+
+def validate_param_groups(param_groups: Iterable[Mapping[str, Any]], config: SAMConfig) -> None:
+    """Check each param group's own ``rho`` / ``adaptive`` / ``eta`` as the constructor checks the defaults."""
+    for index, group in enumerate(param_groups):
+        try:
+            SAMConfig(
+                rho=group.get("rho", config.rho),
+                adaptive=group.get("adaptive", config.adaptive),
+                eta=group.get("eta", config.eta),
+            )
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"Param group {index} of the optimizer: {error}") from None
 
 
 def validate_rho(rho: Any, where: str = "`rho`") -> None:

@@ -14,12 +14,18 @@ from lightning_sam.config import BatchNormPolicy, SAMConfig
 class SAMModule(pl.LightningModule):
     """A LightningModule mixin that trains with Sharpness-Aware Minimization.
 
-    Write ``training_step`` as for automatic optimization (return the loss); for the fit, the module switches to
-    manual optimization and runs both SAM passes through the same step as the ``SAM`` callback,
-    so every Trainer setting that the callback honours (precision, ``gradient_clip_val``,
-    ``accumulate_grad_batches``, schedulers, DDP) works here too. The settings come from the constructor; a ``SAM``
-    callback on the Trainer takes over when the module keeps the defaults, and a callback with different settings is
-    an error.
+    Write ``training_step`` as for automatic optimization (return the loss). For the fit, the module switches to
+    manual optimization and runs both SAM passes through the same code as the ``SAM`` callback. Each step calls the
+    module's ``optimizer_zero_grad`` and ``optimizer_step`` hooks (with a closure, so overrides such as an LR
+    warm-up run as usual), and Lightning clips (``gradient_clip_val``, by norm, after unscaling) and steps the LR
+    schedulers at its usual points. Precision, ``accumulate_grad_batches`` and DDP work as with the callback.
+
+    Lightning 2.6 does not run two features for a module in manual optimization: ``GradientAccumulationScheduler``
+    and ``ModelCheckpoint(train_time_interval=...)``. They are refused at setup; the ``SAM`` callback on the same
+    module without this base supports both.
+
+    The settings come from the constructor; a ``SAM`` callback on the Trainer takes over when the module keeps the
+    defaults, and a callback with different settings is an error.
 
     It works as the only base and as a mixin in front of an existing module.
 
@@ -52,6 +58,9 @@ class SAMModule(pl.LightningModule):
         class SAMResNet(SAMModule, MyResNetModule):  # an existing module, unchanged
             pass
     """
+
+    sam_manual_optimization = True
+    """Read by the ``SAM`` callback: this module trains in manual optimization."""
 
     def __init__(
         self,

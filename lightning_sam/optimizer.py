@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sam.config import SAMConfig
+from lightning_sam.config import SAMConfig, validate_param_groups
 from lightning_sam.perturbation import Perturbation, groups_from_optimizer, perturb_, restore_
 
 # `Callable[[Iterable], Optimizer]` is what LightningCLI / jsonargparse read as "an optimizer given by class_path and
@@ -77,8 +77,7 @@ class SAMOptimizer(Optimizer):
                 f" from param groups), got {base_optimizer!r}."
             )
         super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta))
-        for group in self.param_groups:
-            SAMConfig(rho=group["rho"], adaptive=group["adaptive"], eta=group["eta"])  # validates per-group values
+        validate_param_groups(self.param_groups, self.config)
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         if not isinstance(self.base_optimizer, Optimizer):
             raise TypeError(f"`base_optimizer` built {type(self.base_optimizer).__name__}, not a torch Optimizer.")
@@ -90,6 +89,9 @@ class SAMOptimizer(Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self._perturbation: Optional[Perturbation] = None
         self._delegate = False
+        self.base_steps_only = False
+        """When True, ``step`` is a plain step of the base optimizer. The ``SAM`` callback and ``SAMModule`` set it
+        for the fit: they run the two passes themselves and let Lightning call ``step`` as for any optimizer."""
 
     @property
     def epsilon(self) -> float:
@@ -172,8 +174,8 @@ class SAMOptimizer(Optimizer):
         closure runs once, at w + ε; otherwise it runs twice, at w and at w + ε. The gradients are cleared after the
         base step. Returns the loss at w when this call computed it, else the closure's loss at w + ε.
         """
-        if self._delegate:
-            # Driven by the Lightning SAM step, which has already perturbed and restored: a plain base step.
+        if self._delegate or self.base_steps_only:
+            # From second_step, or driven by the Lightning SAM step that runs both passes: a plain base step.
             return self.base_optimizer.step(closure)
         if closure is None:
             raise RuntimeError(
@@ -197,7 +199,7 @@ class SAMOptimizer(Optimizer):
 
     @contextmanager
     def _delegating(self):
-        """Make ``step`` a plain base step, for the Lightning SAM step that does the perturbation itself."""
+        """Make ``step`` a plain base step, for ``second_step``, which has restored w itself."""
         self._delegate = True
         try:
             yield

@@ -25,6 +25,8 @@ class PerturbGroup:
     rho: float
     adaptive: bool = False
     eta: float = 0.01
+    grads: Optional[Sequence[Optional[Tensor]]] = None
+    """The gradients ε is made from, aligned with ``params``; ``None`` reads each ``p.grad``."""
 
 
 @dataclass
@@ -52,6 +54,18 @@ def groups_from_optimizer(param_groups: Iterable[dict[str, Any]], config: SAMCon
     ]
 
 
+def with_grads(groups: Sequence[PerturbGroup], grads: Sequence[Optional[Tensor]]) -> list[PerturbGroup]:
+    """``groups`` with explicit gradients, ``grads`` being aligned with their parameters taken in order."""
+    out, start = [], 0
+    for group in groups:
+        stop = start + len(group.params)
+        out.append(PerturbGroup(group.params, group.rho, group.adaptive, group.eta, grads=list(grads[start:stop])))
+        start = stop
+    if start != len(grads):
+        raise ValueError(f"{len(grads)} gradients for {start} parameters.")
+    return out
+
+
 def grad_norm(tensors: Sequence[Tensor]) -> Tensor:
     """The 2-norm of all ``tensors`` taken together, in float32, on their device."""
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
@@ -64,8 +78,11 @@ def perturb_(
 ) -> Optional[Perturbation]:
     """Move every parameter that has a gradient from w to w + ε, in place; return what restores it.
 
+    The gradients are each group's ``grads`` when given (e.g. from ``torch.autograd.grad``, leaving ``.grad`` alone),
+    else the parameters' ``.grad``.
+
     ε = ρ·g/(‖g‖ + epsilon) for plain SAM and ε = ρ·T²g/(‖T·g‖ + epsilon) with T = |w| + eta for adaptive groups,
-    where the norm runs over all parameters of all groups and ρ is each group's own. Parameters whose ``.grad`` is
+    where the norm runs over all parameters of all groups and ρ is each group's own. Parameters whose gradient is
     ``None`` (frozen, unused) are left untouched. A zero gradient gives ε = 0. ε is invariant to a common scale of
     the gradients, so loss-scaled fp16 gradients need no unscaling.
 
@@ -73,32 +90,36 @@ def perturb_(
     non-finite norm gives ε = 0 and leaves the weights where they are; ``finite`` reports it. Without it, a
     non-finite gradient moves the weights to NaN until ``restore_``, as it would poison a plain step anyway.
 
-    The gradients are consumed: on return each ``p.grad`` holds ε. Extra memory: one parameter-sized buffer,
-    the backup of w (for ASAM it first holds T).
+    The gradients (each group's ``grads``, else ``p.grad``) are consumed: on return they hold ε. Extra memory: one
+    parameter-sized buffer, the backup of w (for ASAM it first holds T).
 
     Returns:
         The ``Perturbation`` to hand to ``restore_``, or ``None`` if no parameter has a gradient.
     """
-    selected = [(group, [p for p in group.params if p.grad is not None]) for group in groups]
-    selected = [(group, params) for group, params in selected if params]
+    selected = []
+    for group in groups:
+        grads = group.grads if group.grads is not None else [p.grad for p in group.params]
+        pairs = [(p, g) for p, g in zip(group.params, grads) if g is not None]
+        if pairs:
+            selected.append((group, [p for p, _ in pairs], [g for _, g in pairs]))
     if not selected:
         return None
-    for _, params in selected:
-        for p in params:
-            if p.grad.is_sparse:
+    for _, _, grads in selected:
+        for g in grads:
+            if g.is_sparse:
                 raise RuntimeError("SAM does not support sparse gradients; use a dense embedding.")
 
     # ASAM: g <- T·g now, and T·(T·g) below, so the norm is ‖T·g‖ and ε is proportional to T²g.
     scales: dict[int, list[Tensor]] = {}
-    for index, (group, params) in enumerate(selected):
+    for index, (group, params, grads) in enumerate(selected):
         if group.adaptive:
             t = torch._foreach_abs(params)
             torch._foreach_add_(t, group.eta)
-            torch._foreach_mul_([p.grad for p in params], t)
+            torch._foreach_mul_(grads, t)
             scales[index] = t
 
-    all_params = [p for _, params in selected for p in params]
-    all_grads = [p.grad for p in all_params]
+    all_params = [p for _, params, _ in selected for p in params]
+    all_grads = [g for _, _, grads in selected for g in grads]
     norm = grad_norm(all_grads)
     finite = torch.isfinite(norm)
     if guard_nonfinite:
@@ -107,8 +128,7 @@ def perturb_(
     inv_norm = torch.where(finite & (norm > 0), 1.0 / (norm + epsilon), 0.0)
 
     backup: list[Tensor] = []
-    for index, (group, params) in enumerate(selected):
-        grads = [p.grad for p in params]
+    for index, (group, params, grads) in enumerate(selected):
         t = scales.get(index)
         if t is not None:
             torch._foreach_mul_(grads, t)

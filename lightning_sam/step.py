@@ -1,29 +1,30 @@
-"""The one Lightning SAM step, shared by the ``SAM`` callback and ``SAMModule``.
+"""The SAM passes of one training step, shared by the ``SAM`` callback and ``SAMModule``.
 
-Per optimizer step, with the module in manual optimization:
+A face installs a ``training_step`` on the Trainer's strategy (the user's module is left as it is) that calls
+``SAMPasses.run`` with the strategy's own ``training_step``. For each m-chunk of the batch:
 
-    zero_grad                                   (once per accumulation window)
-    for each micro-batch (and each m-chunk of it):
-        forward 1 at w                          -> the loss that is logged; BatchNorm statistics updated
-        backward 1, local (no all-reduce)       -> g, into fresh .grad buffers
-        ε from g, w -> w + ε                    (perturbation.perturb_; the accumulated .grad is put back)
-        forward 2 at w + ε                      (BatchNorm statistics frozen, self.log and metrics silenced)
-        backward 2, all-reduced on the last micro-batch / chunk, into the accumulated .grad
-        w + ε -> w, bit for bit                 (also on an exception, so no perturbed weights are ever saved)
-    optimizer.step()                            (precision plugin: unscale, on_before_optimizer_step, clip, step)
-    step-interval schedulers
+    forward 1 at w                        -> the loss that is logged; BatchNorm statistics updated
+    g = autograd.grad(loss)               -> local: no ``.grad`` written, no DDP hook fired
+    ε from g, w -> w + ε                  (perturbation.perturb_)
+    forward 2 at w + ε                    (BatchNorm statistics frozen, self.log and metrics silenced)
+    g_s = autograd.grad(loss at w + ε)    -> local
+    w + ε -> w, bit for bit               (also on an exception)
 
-The user's ``training_step`` is called as it is, once per pass. Under the fp16 ``GradScaler`` the first-pass
-gradients stay scaled (ε is scale-invariant); a non-finite norm gives ε = 0 and poisons the second loss with NaN, so
-that the scaler skips the step (on every rank, as the NaN is all-reduced). Nothing here reads a device value on the
-host.
+``run`` returns the first pass's output with, as its loss, a tensor whose *value* is the batch loss at w and whose
+*backward* puts Σ share·g_s into the parameters' gradients. Whoever back-propagates it (Lightning's automatic loop
+for the callback, the manual step of ``SAMModule``) runs loss scaling, DDP's one all-reduce (through the reducer's
+usual hooks), accumulation, clipping, the optimizer hooks and schedulers exactly as for a plain step, and every hook
+after ``training_step`` sees the weights at w.
+
+Under the fp16 ``GradScaler`` the first-pass gradients are taken from the scaled loss (ε is scale-invariant); a
+non-finite norm gives ε = 0 and a NaN final gradient, so that the scaler skips the step on every rank. Nothing here
+reads a device value on the host.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -37,10 +38,8 @@ from lightning_sam import _lightning
 from lightning_sam.batchnorm import frozen_running_stats
 from lightning_sam.chunks import batch_size, split_batch
 from lightning_sam.config import SAMConfig
-from lightning_sam.distributed import gradient_sync
-from lightning_sam.optimizer import SAMOptimizer
-from lightning_sam.perturbation import groups_from_optimizer, perturb_, restore_
-from lightning_sam.schedulers import step_schedulers
+from lightning_sam.patching import Patcher
+from lightning_sam.perturbation import PerturbGroup, groups_from_optimizer, perturb_, restore_
 
 
 @dataclass
@@ -51,6 +50,12 @@ class SAMCounters:
     plain_steps: int = 0
     nonfinite_skips: Any = 0
     """Perturbations skipped for a non-finite gradient norm; a device tensor between checkpoints (no host sync)."""
+
+    def count(self, sam: bool) -> None:
+        if sam:
+            self.sam_steps += 1
+        else:
+            self.plain_steps += 1
 
     def state_dict(self) -> dict[str, int]:
         return {
@@ -65,210 +70,143 @@ class SAMCounters:
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
 
 
-@dataclass
-class _PassStats:
-    loss: Tensor
-    perturbed_loss: Tensor
-    grad_norm: Tensor
+TrainingStep = Callable[..., Any]
 
 
-class SAMStep:
-    """Runs SAM inside a LightningModule in manual optimization; installed and removed by the ``SAM`` callback."""
+class SAMPasses:
+    """Both SAM passes of a training step, as one loss for Lightning (or the manual step) to back-propagate.
 
-    def __init__(self, config: SAMConfig, counters: SAMCounters) -> None:
+    Args:
+        config: The SAM settings (``rho``/``adaptive``/``eta``/``epsilon`` of the math, ``m``, ``bn_policy``, ``log``).
+        counters: Where non-finite skips are counted.
+        optimizer: The optimizer whose param groups say which parameters are perturbed (and each group's ``rho``).
+    """
+
+    def __init__(self, config: SAMConfig, counters: SAMCounters, optimizer: torch.optim.Optimizer) -> None:
         self.config = config
         self.counters = counters
-        self._trainer: Optional[pl.Trainer] = None
-        self._module: Optional[pl.LightningModule] = None
-        self._user: dict[str, Callable[..., Any]] = {}
-        self._metrics: list[Metric] = []
-        self._window_open = False
+        self.optimizer = optimizer
 
-    # ------------------------------------------------------------------ installation
-    def install(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        """Switch ``module`` to manual optimization with the SAM step as its ``training_step``.
-
-        Called at ``on_fit_start``: after ``configure_optimizers`` ran in automatic mode (so scheduler configs keep
-        ``interval``/``monitor``) and after Lightning validated the Trainer flags that manual mode would refuse.
-        """
-        self._trainer, self._module = trainer, module
-        self._metrics = [m for m in module.modules() if isinstance(m, Metric)]
-        self._window_open = False
-        module.automatic_optimization = False
-        # Instance attributes shadow the class's methods, so the user's classes stay as they are; Lightning (and
-        # DDP's forward redirection) look the hooks up on the instance.
-        hooks = {
-            "training_step": self.training_step,
-            "on_before_optimizer_step": self._on_before_optimizer_step,
-            "on_train_epoch_end": self._on_train_epoch_end,
-        }
-        for name, hook in hooks.items():
-            self._user[name] = getattr(module, name)
-            setattr(module, name, hook)
-
-    def uninstall(self) -> None:
-        """Give the module back as it was: automatic optimization, its own hooks, the step count carried over."""
-        module, trainer = self._module, self._trainer
-        if module is None or trainer is None:
-            return
-        for name in self._user:
-            module.__dict__.pop(name, None)
-        self._user = {}
-        module.automatic_optimization = True
-        _lightning.carry_manual_step_count(trainer)
-        self._module = self._trainer = None
-
-    # ------------------------------------------------------------------ hooks
-    def _on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # The gradients are unscaled here under every precision. As in automatic optimization: the user's hook, then
-        # `configure_gradient_clipping` (which clips by the Trainer's norm unless the module overrides it).
-        self._user["on_before_optimizer_step"](optimizer)
-        self._module.configure_gradient_clipping(
-            optimizer,
-            gradient_clip_val=self._trainer.gradient_clip_val,
-            gradient_clip_algorithm=self._trainer.gradient_clip_algorithm,
-        )
-
-    def _on_train_epoch_end(self) -> None:
-        # Plateau schedulers step after the module's own epoch-end hook, which may log their monitor.
-        self._user["on_train_epoch_end"]()
-        if _lightning.epoch_batches_done(self._trainer):
-            step_schedulers(self._trainer, "epoch", plateau=True)
-
-    # ------------------------------------------------------------------ the step
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        trainer, module = self._trainer, self._module
-        optimizer = module.optimizers()
-        raw = optimizer.optimizer
-        if not self._window_open:
-            optimizer.zero_grad()
-            self._window_open = True
-        take_step = not _lightning.should_accumulate(trainer)
-        # Lightning divides the loss by the window length under automatic accumulation: so does this step.
-        weight = 1.0 / trainer.accumulate_grad_batches
-        sam_now = trainer.global_step % self.config.interval == 0
-        if sam_now:
-            output, stats = self._sam_backward(raw, args, kwargs, weight, sync=take_step)
-        else:
-            output, stats = self._plain_backward(args, kwargs, weight, sync=take_step), None
-        if take_step:
-            with raw._delegating() if isinstance(raw, SAMOptimizer) else nullcontext():
-                optimizer.step()
-            self._window_open = False
-            if sam_now:
-                self.counters.sam_steps += 1
-            else:
-                self.counters.plain_steps += 1
-            # Both step counters agree at every step, so checkpoints resume with or without SAM.
-            _lightning.carry_manual_step_count(trainer)
-            step_schedulers(trainer, "step")
-            if _lightning.epoch_batches_done(trainer):
-                # As in automatic optimization: right after the epoch's last step, before checkpoints are written.
-                step_schedulers(trainer, "epoch", plateau=False)
-        if stats is not None:
-            self._log(stats)
-        return output
-
-    def _plain_backward(self, args: tuple, kwargs: dict, weight: float, sync: bool) -> Any:
-        output = self._user["training_step"](*args, **kwargs)
-        loss = _loss_of(output)
-        if loss is None:
-            _lightning.check_world_size_for_skip(self._trainer)
-            return None
-        with gradient_sync(self._trainer, sync):
-            self._module.manual_backward(loss * weight if weight != 1.0 else loss)
-        return output
-
-    def _sam_backward(self, raw: torch.optim.Optimizer, args: tuple, kwargs: dict, weight: float, sync: bool):
+    def run(
+        self, trainer: pl.Trainer, module: pl.LightningModule, step: TrainingStep, args: tuple, kwargs: dict
+    ) -> Any:
+        """Run ``step`` (the strategy's ``training_step``) at w and at w + ε for each chunk; return its output."""
         batch, rest = args[0], args[1:]
         chunks = split_batch(batch, self.config.m) if self.config.m is not None else [(batch, None)]
         total = batch_size(batch) if len(chunks) > 1 else None
-        params = [p for group in raw.param_groups for p in group["params"]]
-        groups = groups_from_optimizer(raw.param_groups, self._sam_settings(raw))
-        epsilon = raw.epsilon if isinstance(raw, SAMOptimizer) else self.config.epsilon
-        scaler = _lightning.loss_scaler(self._trainer)
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        groups = groups_from_optimizer(self.optimizer.param_groups, self.config)
+        scaler = _lightning.loss_scaler(trainer)
+        scale = _lightning.scale_tensor(scaler) if scaler is not None else None
+        metrics = [m for m in module.modules() if isinstance(m, Metric)]
 
-        losses, perturbed_losses, norms, output = [], [], [], None
+        final: Optional[list[Optional[Tensor]]] = None
+        outputs, losses, perturbed_losses, norms = [], [], [], []
+        recorder = _LogRecorder(module) if total is not None else None
         for index, (chunk, size) in enumerate(chunks):
             share = 1.0 if total is None else size / total
-            output = self._user["training_step"](chunk, *rest, **kwargs)
-            loss = _loss_of(output)
+            with recorder.recording(share) if recorder is not None else _nothing():
+                output = step(chunk, *rest, **kwargs)
+            loss = loss_of(output)
             if loss is None:
-                _lightning.check_world_size_for_skip(self._trainer)
-                return None, None
-            # The first backward goes into fresh .grad buffers, so ε sees this micro-batch alone; what the window
-            # accumulated so far is kept aside and put back before the second backward adds to it.
-            accumulated = [p.grad for p in params]
-            for p in params:
-                p.grad = None
-            with gradient_sync(self._trainer, False):
-                self._module.manual_backward(loss)
-            perturbation = perturb_(groups, epsilon, guard_nonfinite=scaler is not None)
-            for p, grad in zip(params, accumulated):
-                p.grad = grad
+                if index > 0:
+                    raise MisconfigurationException(
+                        "`training_step` returned a loss for one m-chunk of the batch and None for another. With"
+                        " `m`, it must make the same decision for every chunk."
+                    )
+                return output
+            grads = torch.autograd.grad(loss if scale is None else loss * scale, trainable, allow_unused=True)
+            grad_of = {id(p): g for p, g in zip(trainable, grads)}
+            del grads
+            perturbation = perturb_(
+                [_with_grads(group, grad_of) for group in groups],
+                self.config.epsilon,
+                guard_nonfinite=scaler is not None,
+            )
+            del grad_of  # now ε: spent
             torch.clear_autocast_cache()  # autocast caches casts by tensor identity, blind to in-place changes
             try:
-                with self._second_pass_context():
-                    perturbed_output = self._user["training_step"](chunk, *rest, **kwargs)
-                perturbed_loss = _loss_of(perturbed_output)
+                with _second_pass(module, metrics, self.config.bn_policy == "first"):
+                    perturbed_output = step(chunk, *rest, **kwargs)
+                perturbed_loss = loss_of(perturbed_output)
                 if perturbed_loss is None:
                     raise MisconfigurationException(
-                        "`training_step` returned a loss at w but None at w + ε (the second SAM pass). It must make the"
-                        " same decision in both passes."
+                        "`training_step` returned a loss at w but None at w + ε (the second SAM pass). It must make"
+                        " the same decision in both passes."
                     )
-                factor: Any = weight * share
+                factor: Any = share if scale is None else share * scale
                 if scaler is not None and perturbation is not None:
                     # An fp16 overflow in the first pass: ε was 0; a NaN gradient makes the scaler skip this step.
-                    factor = torch.where(perturbation.finite, factor, math.nan)
-                if isinstance(factor, Tensor) or factor != 1.0:
-                    perturbed_loss = perturbed_loss * factor
-                last = index == len(chunks) - 1
-                with gradient_sync(self._trainer, sync and last):
-                    self._module.manual_backward(perturbed_loss)
+                    factor = torch.where(perturbation.finite, factor, torch.nan)
+                perturbed_grads = torch.autograd.grad(perturbed_loss * factor, trainable, allow_unused=True)
             finally:
                 if perturbation is not None:
                     restore_(perturbation)
                 torch.clear_autocast_cache()
+            final = _add(final, perturbed_grads)
+            outputs.append((output, size))
             losses.append(loss.detach() * share)
-            perturbed_losses.append(_loss_of(perturbed_output).detach() * share)
+            perturbed_losses.append(perturbed_loss.detach() * share)
             if perturbation is not None:
                 norms.append(perturbation.grad_norm * share)
                 self.counters.nonfinite_skips = self.counters.nonfinite_skips + (~perturbation.finite).int()
-        norm = torch.stack(norms).sum() if norms else None
-        stats = _PassStats(
-            loss=torch.stack(losses).sum(), perturbed_loss=torch.stack(perturbed_losses).sum(), grad_norm=norm
-        )
-        if scaler is not None and norm is not None:
-            scale = _lightning.scale_tensor(scaler)
-            if scale is not None:
-                stats.grad_norm = norm / scale
-        if len(chunks) > 1:
-            output = _with_loss(output, stats.loss)
-        return output, stats
+        if scale is not None:
+            torch._foreach_div_([g for g in final if g is not None], scale)
+        if recorder is not None:
+            recorder.replay()
+        value = losses[0] if total is None else torch.stack(losses).sum()
+        loss = _Objective.apply(value, final, *trainable)
+        if self.config.log:
+            self._log(module, value, torch.stack(perturbed_losses).sum(), norms, scale)
+        return _with_loss(outputs, loss, total)
 
-    def _sam_settings(self, raw: torch.optim.Optimizer) -> SAMConfig:
-        return raw.config if isinstance(raw, SAMOptimizer) else self.config
-
-    @contextmanager
-    def _second_pass_context(self) -> Iterator[None]:
-        with ExitStack() as stack:
-            if self.config.bn_policy == "first":
-                stack.enter_context(frozen_running_stats(self._module))
-            stack.enter_context(_silenced(self._module, self._metrics))
-            yield
-
-    def _log(self, stats: _PassStats) -> None:
-        if not self.config.log:
-            return
-        log = self._module.log
+    @staticmethod
+    def _log(module: pl.LightningModule, loss: Tensor, perturbed: Tensor, norms: list, scale: Any) -> None:
         kwargs = dict(on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
-        log("sam/perturbed_loss", stats.perturbed_loss, **kwargs)
-        log("sam/sharpness", stats.perturbed_loss - stats.loss, **kwargs)
-        if stats.grad_norm is not None:
-            log("sam/grad_norm", stats.grad_norm, **kwargs)
+        module.log("sam/perturbed_loss", perturbed, **kwargs)
+        module.log("sam/sharpness", perturbed - loss, **kwargs)
+        if norms:
+            norm = torch.stack(norms).sum()
+            module.log("sam/grad_norm", norm if scale is None else norm / scale, **kwargs)
 
 
-def _loss_of(output: Any) -> Optional[Tensor]:
+class _Objective(torch.autograd.Function):
+    """Value: the batch loss at w. Backward: ``grad_output · grads[i]`` into ``params[i]``, nothing else.
+
+    The gradients were taken at w + ε; this puts them where Lightning's backward (and DDP's reducer hooks, and the
+    loss scaler) expect them, as if the loss's own graph had produced them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, grads: Sequence[Optional[Tensor]], *params: Tensor) -> Tensor:
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple:
+        grads, ctx.grads = ctx.grads, None
+        present = [g for g in grads if g is not None]
+        scaled = iter(torch._foreach_mul(present, grad_output.to(present[0].dtype)) if present else [])
+        return (None, None, *[None if g is None else next(scaled) for g in grads])
+
+
+def _add(total: Optional[list], grads: Sequence[Optional[Tensor]]) -> list:
+    if total is None:
+        return list(grads)
+    pairs = [(t, g) for t, g in zip(total, grads) if t is not None and g is not None]
+    if pairs:
+        torch._foreach_add_([t for t, _ in pairs], [g for _, g in pairs])
+    return [g if t is None else t for t, g in zip(total, grads)]
+
+
+def _with_grads(group: PerturbGroup, grad_of: dict[int, Optional[Tensor]]) -> PerturbGroup:
+    return PerturbGroup(
+        group.params, group.rho, group.adaptive, group.eta, grads=[grad_of.get(id(p)) for p in group.params]
+    )
+
+
+def loss_of(output: Any) -> Optional[Tensor]:
+    """The loss in a ``training_step`` output, or None to skip the batch; anything else is a clear error."""
     if output is None:
         return None
     if isinstance(output, Tensor):
@@ -281,10 +219,39 @@ def _loss_of(output: Any) -> Optional[Tensor]:
     )
 
 
-def _with_loss(output: Any, loss: Tensor) -> Any:
+def with_loss(output: Any, loss: Tensor) -> Any:
+    """``output`` with its loss replaced by ``loss``."""
     if isinstance(output, Mapping):
         return {**output, "loss": loss}
     return loss
+
+
+def _with_loss(outputs: list[tuple[Any, Optional[int]]], loss: Tensor, total: Optional[int]) -> Any:
+    """The step's output: the first pass's, with ``loss``; with m-chunks, the chunks' other values put together.
+
+    Tensors that have one row per example are concatenated, scalars are averaged by chunk size, anything else is
+    the last chunk's.
+    """
+    if total is None or not isinstance(outputs[-1][0], Mapping):
+        return with_loss(outputs[-1][0], loss)
+    merged: dict[str, Any] = {}
+    for key, last in outputs[-1][0].items():
+        values = [(out.get(key), size) for out, size in outputs]
+        if isinstance(last, Tensor) and all(isinstance(v, Tensor) for v, _ in values):
+            if last.dim() > 0 and all(v.dim() > 0 and v.shape[0] == size for v, size in values):
+                merged[key] = torch.cat([v for v, _ in values])
+                continue
+            if last.dim() == 0 and last.is_floating_point():
+                merged[key] = torch.stack([v.detach() * (size / total) for v, size in values]).sum()
+                continue
+        merged[key] = last
+    merged["loss"] = loss
+    return merged
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
@@ -292,20 +259,68 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
 
 
 @contextmanager
-def _silenced(module: pl.LightningModule, metrics: list[Metric]) -> Iterator[None]:
-    """The second pass leaves no trace: ``self.log`` / ``self.log_dict`` do nothing and torchmetrics keep their state.
+def _second_pass(module: pl.LightningModule, metrics: list[Metric], freeze_batchnorm: bool) -> Iterator[None]:
+    """The second pass leaves no trace: BatchNorm statistics (by policy), ``self.log`` and torchmetrics states.
 
     The user's ``training_step`` runs twice per SAM step, but its logs and metric updates must describe the model at
     w, not at w + ε.
     """
     saved = [(metric, _metric_state(metric)) for metric in metrics]
-    module.log, module.log_dict = _ignore, _ignore
+    patcher = Patcher()
+    patcher.set(module, "log", _ignore)
+    patcher.set(module, "log_dict", _ignore)
     try:
-        yield
+        if freeze_batchnorm:
+            with frozen_running_stats(module):
+                yield
+        else:
+            yield
     finally:
-        del module.log, module.log_dict
+        patcher.restore()
         for metric, state in saved:
             _load_metric_state(metric, state)
+
+
+class _LogRecorder:
+    """With m-chunks, what ``self.log`` receives in each chunk's first pass, logged once for the whole batch.
+
+    A value logged per chunk is logged as the chunk-size-weighted mean: for a mean loss, the batch loss at w.
+    Metric objects and non-numeric values are passed on as the last chunk gave them.
+    """
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+        self.calls: dict[str, list[tuple[Any, float, dict]]] = {}
+
+    @contextmanager
+    def recording(self, share: float) -> Iterator[None]:
+        def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            if args:
+                raise TypeError("With `m`, pass the options of `self.log` by keyword.")
+            self.calls.setdefault(name, []).append((value, share, kwargs))
+
+        patcher = Patcher()
+        patcher.set(self.module, "log", log)
+        try:
+            yield
+        finally:
+            patcher.restore()
+
+    def replay(self) -> None:
+        for name, calls in self.calls.items():
+            value, _, kwargs = calls[-1]
+            numeric = [
+                isinstance(v, Tensor) or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v, _, _ in calls
+            ]
+            if all(numeric) and not isinstance(value, Metric):
+                value = sum(torch.as_tensor(v).detach().double() * share for v, share, _ in calls)
+                value = value.to(
+                    torch.as_tensor(calls[-1][0]).dtype if isinstance(calls[-1][0], Tensor) else torch.float32
+                )
+                if "batch_size" in kwargs:
+                    kwargs = {**kwargs, "batch_size": sum(int(c[2].get("batch_size", 0)) for c in calls)}
+            self.module.log(name, value, **kwargs)
+        self.calls = {}
 
 
 def _metric_state(metric: Metric) -> dict[str, Any]:

@@ -373,14 +373,15 @@ def test_the_sam_step_reads_nothing_back_to_the_host(log, precision):
     recorder = _SyncRecorder()
 
     class Record(pl.Callback):
-        def on_fit_start(self, trainer, pl_module):  # runs after SAM's, so it wraps the installed step
-            step = pl_module.training_step
+        def on_fit_start(self, trainer, pl_module):  # runs after SAM's, so it wraps the installed SAM step
+            step = trainer.strategy.training_step
+            assert type(step).__name__ == "AutomaticSAMStep"
 
             def recorded(*args, **kwargs):
                 with recorder:
                     return step(*args, **kwargs)
 
-            pl_module.training_step = recorded
+            trainer.strategy.training_step = recorded
 
     module = QuietMLP()
     trainer(callbacks=[SAM(rho=0.1, log=log), Record()], precision=precision, max_steps=3).fit(
