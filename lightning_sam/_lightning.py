@@ -87,9 +87,27 @@ def zero_grad(trainer: pl.Trainer, batch_idx: int) -> None:
 
 
 def optimizer_step(trainer: pl.Trainer, batch_idx: int, closure: Callable[[], Any]) -> None:
-    """The module's ``optimizer_step`` hook with the ``LightningOptimizer`` and a closure, as automatic."""
+    """The module's ``optimizer_step`` hook with the ``LightningOptimizer`` and a closure, as automatic.
+
+    The step is counted as automatic optimization counts it (``_AutomaticOptimization._optimizer_step``): ready
+    before the hook, completed after it, so that ``trainer.global_step`` inside an override (an LR warm-up, say)
+    reads the same in both modes, and a step is counted even if the override does not call ``optimizer.step``. In
+    manual optimization, ``LightningOptimizer.step`` would count it itself, in the middle of the hook.
+    """
     optimizer = trainer.strategy._lightning_optimizers[0]
-    call._call_lightning_module_hook(trainer, "optimizer_step", trainer.current_epoch, batch_idx, optimizer, closure)
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    profiler = trainer.profiler
+    patcher = Patcher()
+    patcher.set(optimizer, "_on_before_step", lambda: profiler.start("optimizer_step"))
+    patcher.set(optimizer, "_on_after_step", lambda: profiler.stop("optimizer_step"))
+    progress.increment_ready()
+    try:
+        call._call_lightning_module_hook(
+            trainer, "optimizer_step", trainer.current_epoch, batch_idx, optimizer, closure
+        )
+    finally:
+        patcher.restore()
+    progress.increment_completed()
 
 
 def clip_and_schedule_as_in_automatic(trainer: pl.Trainer, patcher: Patcher) -> None:

@@ -83,31 +83,33 @@ class ManualSAMStep(_InstalledStep):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         trainer, module = self.trainer, self.module
-        if _lightning.skip_backward(trainer):
-            return self.strategy_step(*args, **kwargs)  # SWA's BatchNorm epoch: no backward and no step
+        # SWA's BatchNorm epoch: forwards at w only, no zero-grad and no backward, as automatic optimization does.
+        skip = _lightning.skip_backward(trainer)
         batch_idx = _lightning.batch_idx(trainer)
         accumulate = trainer.accumulate_grad_batches
         take_step = not _lightning.should_accumulate(trainer)
         first_of_window = batch_idx % accumulate == 0
-        sam = self.sam_now()
+        sam = not skip and self.sam_now()
         outputs: list[Any] = []
 
         def closure() -> Optional[Any]:
             output = self.step_output(args, kwargs, sam)
             outputs.append(output)
             loss = loss_of(output)
-            if first_of_window:
+            if first_of_window and not skip:
                 _lightning.zero_grad(trainer, batch_idx)
             if loss is None:
                 _lightning.check_world_size_for_skip(trainer)
                 return None
-            with gradient_sync(trainer, take_step):
-                module.manual_backward(loss / accumulate if accumulate > 1 else loss)
+            if not skip:
+                with gradient_sync(trainer, take_step):
+                    module.manual_backward(loss / accumulate if accumulate > 1 else loss)
             return loss.detach()
 
         if take_step:
             _lightning.optimizer_step(trainer, batch_idx, closure)
-            self.counters.count(sam)
+            if not skip:
+                self.counters.count(sam)
             _lightning.carry_manual_step_count(trainer)  # both counters agree: checkpoints resume with or without SAM
         else:
             closure()

@@ -24,6 +24,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from lightning_sam import SAMModule
+
 WORLD = 2
 N = 24  # examples in the data set: 12 per rank
 D = 3  # input features
@@ -324,3 +326,7 @@ def as_pair(params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 
 def max_diff(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> float:
     return max((a[0] - b[0]).abs().max().item(), (a[1] - b[1]).abs().max().item())
+
+
+class SAMLinReg(SAMModule, LinReg):
+    """The same module behind the SAMModule mixin (manual optimization)."""

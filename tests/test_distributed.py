@@ -158,6 +158,22 @@ def test_ddp_sam_matches_per_shard_reference_one_allreduce_per_step(tmp_path, ma
     assert [r["hook_calls"] for r in sam] == [r["hook_calls"] for r in sgd] == [steps, steps]
 
 
+@pytest.mark.parametrize("accumulate, m", [(1, None), (2, None), (1, 2)])
+def test_ddp_mixin_matches_per_shard_reference_one_allreduce_per_step(tmp_path, master_port, accumulate, m):
+    """SAMModule trains in manual optimization: the same per-shard reference and all-reduce count as the callback."""
+    batch = 2 if accumulate > 1 else 4
+    steps = 3
+    module = S.SAMLinReg(batch, lr=LR, sam=True, rho=RHO, m=m)
+    _fit(_trainer(tmp_path, accumulate_grad_batches=accumulate), module)
+    results = S.load_ranks(tmp_path)
+    _assert_seen_shards(results, batch)
+    _assert_ranks_identical(results)
+    reference = S.reference_ddp_sam(steps, batch, RHO, LR, accumulate=accumulate, m=m)
+    _assert_matches(_step_params(results, accumulate=accumulate), reference)
+    assert [r["hook_calls"] for r in results] == [steps, steps]
+    assert [r["global_step"] for r in results] == [steps, steps]
+
+
 def test_ddp_m_sharpness_chunks_per_rank(tmp_path, master_port):
     """Per-device batch 4, m=2: each rank's batch is cut into 2 chunks, each with its own ε; chunk gradients are
     weighted by chunk size, then averaged over ranks; still one all-reduce per step (only the last chunk syncs)."""

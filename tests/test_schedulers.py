@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import StepRecorder, TinyModule, make_loader, make_trainer
-from lightning_sam import SAM
+from lightning_sam import SAM, SAMModule
 
 LR = 0.1
 
@@ -76,23 +76,40 @@ class ConstInValidation(ConstMetricModule):
         self.log("const", 1.0)
 
 
-def _run(sam: bool, scheduler, accumulate: int = 1, n: int = 16, epochs: int = 3, where: str = "training_step"):
-    cls = ConstInValidation if where == "validation_step" else ConstMetricModule
-    model = cls(where=where, lr=LR, scheduler=scheduler)
+class SAMConstMetricModule(SAMModule, ConstMetricModule):
+    pass
+
+
+class SAMConstInValidation(SAMModule, ConstInValidation):
+    pass
+
+
+def _run(sam, scheduler, accumulate: int = 1, n: int = 16, epochs: int = 3, where: str = "training_step"):
+    """``sam``: False (no SAM), True (the callback) or "mixin" (SAMModule, in manual optimization)."""
+    if sam == "mixin":
+        cls = SAMConstInValidation if where == "validation_step" else SAMConstMetricModule
+        model = cls(where=where, lr=LR, scheduler=scheduler, rho=0.05)
+    else:
+        cls = ConstInValidation if where == "validation_step" else ConstMetricModule
+        model = cls(where=where, lr=LR, scheduler=scheduler)
     recorder = StepRecorder()
-    callbacks = [recorder] + ([SAM(rho=0.05)] if sam else [])
+    callbacks = [recorder] + ([SAM(rho=0.05)] if sam is True else [])
     trainer = make_trainer(callbacks=callbacks, max_epochs=epochs, accumulate_grad_batches=accumulate)
     val = make_loader(8, seed=7) if where == "validation_step" else None
     trainer.fit(model, make_loader(n), val_dataloaders=val)
     return recorder, trainer
 
 
+FACES = [pytest.param(True, id="callback"), pytest.param("mixin", id="mixin")]
+
+
+@pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("accumulate", [1, 2])
 @pytest.mark.parametrize("kind", list(SCHEDULERS))
-def test_lr_sequence_matches_automatic_optimization(kind, accumulate):
+def test_lr_sequence_matches_automatic_optimization(kind, accumulate, face):
     """Every optimizer step sees the same LR with SAM as without it (step/frequency, epoch, plateau; accumulation)."""
     auto, auto_trainer = _run(False, SCHEDULERS[kind], accumulate)
-    sam, sam_trainer = _run(True, SCHEDULERS[kind], accumulate)
+    sam, sam_trainer = _run(face, SCHEDULERS[kind], accumulate)
 
     steps = 3 * 4 // accumulate  # 3 epochs of 4 batches
     assert len(auto.step_lrs) == steps
@@ -126,12 +143,13 @@ def test_step_frequency_counts_batches_not_optimizer_steps_under_accumulation():
         assert sam.step_lrs == expected
 
 
+@pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("n, accumulate, steps_per_epoch", [(32, 2, 4), (28, 2, 4), (32, 1, 8), (24, 4, 2)])
-def test_global_step_is_one_per_optimizer_step(n, accumulate, steps_per_epoch):
+def test_global_step_is_one_per_optimizer_step(n, accumulate, steps_per_epoch, face):
     """8 batches with accumulate 2 -> 4 optimizer steps; 7 batches -> 4 (the last, short window steps too)."""
     sched = _step_lr_freq2
     auto, auto_trainer = _run(False, sched, accumulate, n=n, epochs=2)
-    sam, sam_trainer = _run(True, sched, accumulate, n=n, epochs=2)
+    sam, sam_trainer = _run(face, sched, accumulate, n=n, epochs=2)
     expected = 2 * steps_per_epoch
     assert len(sam.step_global) == expected  # on_before_optimizer_step fired once per optimizer step
     assert sam.step_global == list(range(expected)) == auto.step_global
@@ -139,12 +157,13 @@ def test_global_step_is_one_per_optimizer_step(n, accumulate, steps_per_epoch):
     assert sam.step_lrs == auto.step_lrs
 
 
+@pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("where", ["training_step", "validation_step", "on_train_epoch_end"])
-def test_plateau_monitor_logged_where_automatic_optimization_accepts_it(where):
+def test_plateau_monitor_logged_where_automatic_optimization_accepts_it(where, face):
     """An epoch ReduceLROnPlateau may monitor a metric logged in training_step, validation_step or the module's
     ``on_train_epoch_end``: automatic optimization steps plateau schedulers after all ``on_train_epoch_end`` hooks,
     so all three work there, and must work with SAM too, with the same LR sequence."""
     auto, _ = _run(False, _plateau_epoch, where=where)
     assert min(auto.step_lrs) < LR  # the reference really reduced the LR
-    sam, _ = _run(True, _plateau_epoch, where=where)
+    sam, _ = _run(face, _plateau_epoch, where=where)
     assert sam.step_lrs == auto.step_lrs
