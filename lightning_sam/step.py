@@ -184,10 +184,12 @@ class _Objective(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple:
+        # Scaled in place and handed over: with no gradient yet in `.grad`, autograd adopts these buffers as they are.
         grads, ctx.grads = ctx.grads, None
         present = [g for g in grads if g is not None]
-        scaled = iter(torch._foreach_mul(present, grad_output.to(present[0].dtype)) if present else [])
-        return (None, None, *[None if g is None else next(scaled) for g in grads])
+        if present:
+            torch._foreach_mul_(present, grad_output.to(present[0].dtype))
+        return (None, None, *grads)
 
 
 def _add(total: Optional[list], grads: Sequence[Optional[Tensor]]) -> list:
