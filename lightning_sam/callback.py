@@ -17,6 +17,8 @@ from lightning_sam.optimizer import SAMOptimizer
 from lightning_sam.patching import Patcher
 from lightning_sam.step import SAMCounters, SAMPasses
 from lightning_sam.training_step import AutomaticSAMStep, ManualSAMStep
+from lightning_sam.variants import Variant
+from lightning_sam.variants.binding import bind_variant, check_variant, is_default, load_variant_state
 
 _MATH_SETTINGS = ("rho", "adaptive", "eta", "epsilon")
 
@@ -47,6 +49,9 @@ class SAM(Callback):
         m: Examples per ε. ``None``: the per-device batch. Smaller: the batch is split into chunks of ``m``, each
             with its own ε and perturbed gradient, averaged by chunk size. Each chunk runs its own two passes.
         log: Log ``sam/perturbed_loss``, ``sam/sharpness`` (L(w+ε) − L(w)) and ``sam/grad_norm`` every step.
+        variant: A SAM variant from ``lightning_sam.variants`` (``LookSAM(k=5)``, ``RandomSAM(p=0.5)``, ``AESAM()``,
+            ``MSAM()``, ``ESAM()``, ``ASAM()``); ``None`` is plain SAM (ASAM with ``adaptive=True``). Its state is
+            saved in the callback's checkpoint state.
 
     Raises:
         ValueError: at construction, for a setting out of range; at ``setup``, for an unsupported strategy.
@@ -74,19 +79,21 @@ class SAM(Callback):
         bn_policy: BatchNormPolicy = "first",
         m: Optional[int] = None,
         log: bool = True,
+        variant: Optional[Variant] = None,
     ) -> None:
         super().__init__()
         self.config = SAMConfig(
             rho=rho, adaptive=adaptive, eta=eta, epsilon=epsilon, interval=interval, bn_policy=bn_policy, m=m, log=log
         )
+        self.variant = check_variant(variant, self.config)
         self.counters = SAMCounters()
         self._step: Optional[Union[AutomaticSAMStep, ManualSAMStep]] = None
         self._patcher = Patcher()
         self._configure_patch = Patcher()
 
     @classmethod
-    def from_config(cls, config: SAMConfig) -> SAM:
-        return cls(**config.to_dict())
+    def from_config(cls, config: SAMConfig, variant: Optional[Variant] = None) -> SAM:
+        return cls(**config.to_dict(), variant=variant)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -142,6 +149,15 @@ class SAM(Callback):
         patcher.set(pl_module, "configure_optimizers", configure_optimizers)
 
     def _adopt_module_settings(self, pl_module: pl.LightningModule) -> None:
+        module_variant = getattr(pl_module, "sam_variant", None)
+        if isinstance(module_variant, Variant) and module_variant is not self.variant:
+            if not is_default(module_variant) and not is_default(self.variant):
+                raise MisconfigurationException(
+                    f"`{type(pl_module).__name__}` (a SAMModule) and the `SAM` callback both set a variant"
+                    f" ({module_variant!r} and {self.variant!r}). Configure SAM in one place."
+                )
+            if not is_default(module_variant):
+                self.variant = module_variant
         module_config = getattr(pl_module, "sam_config", None)
         if not isinstance(module_config, SAMConfig) or module_config == self.config:
             return
@@ -175,11 +191,19 @@ class SAM(Callback):
                     f"The SAMOptimizer and the `SAM` callback both set {sorted(clashes)} differently. Set them on one."
                 )
             math = SAMConfig(**{**self.config.to_dict(), **{k: getattr(optimizer.config, k) for k in _MATH_SETTINGS}})
+            if not is_default(optimizer.variant):
+                if not is_default(self.variant) and optimizer.variant is not self.variant:
+                    raise MisconfigurationException(
+                        f"The SAMOptimizer and the `SAM` callback both set a variant ({optimizer.variant!r} and"
+                        f" {self.variant!r}). Set it on one."
+                    )
+                self.variant = optimizer.variant
             # Lightning calls `step` as for any optimizer; the passes are run here.
             self._patcher.set(optimizer, "base_steps_only", True)
         validate_param_groups(optimizer.param_groups, math)
+        bind_variant(self.variant, optimizer, math, trainer.world_size)
         warn_sync_batchnorm(trainer, pl_module)
-        passes = SAMPasses(math, self.counters, optimizer)
+        passes = SAMPasses(math, self.counters, optimizer, self.variant)
         step_class = ManualSAMStep if _manual(pl_module) else AutomaticSAMStep
         self._step = step_class(trainer, pl_module, passes, math)
         self._step.install()
@@ -209,11 +233,16 @@ class SAM(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), **self.counters.state_dict()}
+        return {
+            "config": self.config.to_dict(),
+            **self.counters.state_dict(),
+            "variant": {"name": type(self.variant).__name__, "state": self.variant.state_dict()},
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.counters.load_state_dict(state_dict)
+        load_variant_state(self.variant, state_dict.get("variant"))
         saved = SAMConfig.from_dict(state_dict.get("config", {}))
         if saved != self.config:
             rank_zero_warn(

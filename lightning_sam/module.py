@@ -9,6 +9,8 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_sam.callback import SAM
 from lightning_sam.config import BatchNormPolicy, SAMConfig
+from lightning_sam.variants import Variant
+from lightning_sam.variants.binding import check_variant
 
 
 class SAMModule(pl.LightningModule):
@@ -39,6 +41,7 @@ class SAMModule(pl.LightningModule):
         bn_policy: BatchNorm statistics from the ``"first"`` pass or ``"both"``, as for ``SAM``.
         m: Examples per ε, as for ``SAM``.
         log_sam: Log the ``sam/*`` metrics (the callback's ``log``).
+        variant: A SAM variant from ``lightning_sam.variants``, as for ``SAM``.
         **kwargs: Passed on to the next class in the MRO.
 
     Example:
@@ -73,6 +76,7 @@ class SAMModule(pl.LightningModule):
         bn_policy: BatchNormPolicy = "first",
         m: Optional[int] = None,
         log_sam: bool = True,
+        variant: Optional[Variant] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -86,6 +90,7 @@ class SAMModule(pl.LightningModule):
             m=m,
             log=log_sam,
         )
+        self.sam_variant = check_variant(variant, self.sam_config)
         # An instance attribute, so that a subclass that overrides `configure_callbacks` still gets its SAM step.
         self.configure_callbacks = self._configure_callbacks_with_sam
 
@@ -96,5 +101,5 @@ class SAMModule(pl.LightningModule):
         callbacks = list(callbacks or [])
         on_trainer = self._trainer is not None and any(isinstance(cb, SAM) for cb in self._trainer.callbacks)
         if not on_trainer and not any(isinstance(cb, SAM) for cb in callbacks):
-            callbacks.append(SAM.from_config(self.sam_config))
+            callbacks.append(SAM.from_config(self.sam_config, self.sam_variant))
         return callbacks

@@ -11,7 +11,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_sam.config import SAMConfig, validate_param_groups
-from lightning_sam.perturbation import Perturbation, groups_from_optimizer, perturb_, restore_
+from lightning_sam.perturbation import Perturbation, PerturbGroup, groups_from_optimizer, restore_
+from lightning_sam.variants import Variant
+from lightning_sam.variants.base import sq_norm as _sq_norm
+from lightning_sam.variants.binding import bind_variant, check_variant, load_variant_state
 
 # `Callable[[Iterable], Optimizer]` is what LightningCLI / jsonargparse read as "an optimizer given by class_path and
 # init_args, still waiting for its parameters"; a plain optimizer class fits it too.
@@ -34,6 +37,10 @@ class SAMOptimizer(Optimizer):
         adaptive: ASAM instead of SAM.
         eta: ASAM's offset, T = |w| + eta.
         epsilon: Added to the gradient norm.
+        variant: A SAM variant from ``lightning_sam.variants``; ``None`` is plain SAM. ``step(closure)`` runs the
+            closure once or twice as the variant needs (``LookSAM`` between its SAM steps: once; ``MSAM``: once, at
+            w + ε). With ``ESAM(gamma < 1)`` the closure takes ``indices`` (``None`` for the whole batch) and returns
+            the per-example losses of those examples without calling backward.
         **kwargs: Passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Example:
@@ -68,9 +75,11 @@ class SAMOptimizer(Optimizer):
         adaptive: bool = False,
         eta: float = 0.01,
         epsilon: float = 1e-12,
+        variant: Optional[Variant] = None,
         **kwargs: Any,
     ) -> None:
         self.config = SAMConfig(rho=rho, adaptive=adaptive, eta=eta, epsilon=epsilon)
+        self.variant = check_variant(variant, self.config)
         if not callable(base_optimizer):
             raise TypeError(
                 f"`base_optimizer` must be an optimizer class such as torch.optim.SGD (or a callable that builds one"
@@ -87,8 +96,13 @@ class SAMOptimizer(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        bind_variant(self.variant, self.base_optimizer, self.config, world)
         self._perturbation: Optional[Perturbation] = None
+        self._kept: Optional[list[Optional[Tensor]]] = None
         self._delegate = False
+        self.sam_steps_taken = 0
+        """Calls of ``step(closure)`` so far: the step index a variant's schedule sees (checkpointed)."""
         self.base_steps_only = False
         """When True, ``step`` is a plain step of the base optimizer. The ``SAM`` callback and ``SAMModule`` set it
         for the fit: they run the two passes themselves and let Lightning call ``step`` as for any optimizer."""
@@ -113,11 +127,21 @@ class SAMOptimizer(Optimizer):
         """
         if self._perturbation is not None:
             raise RuntimeError("first_step() was called twice without second_step() or restore() in between.")
-        self._perturbation = perturb_(
-            groups_from_optimizer(self.param_groups, self.config),
-            self.config.epsilon,
-            guard_nonfinite=grad_scaler is not None,
-        )
+        variant = self.variant
+        groups = groups_from_optimizer(self.param_groups, self.config)
+        if variant.climbs_before_forward:
+            self._perturbation = variant.climb(groups, self.base_optimizer, self.config.epsilon)
+        else:
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            selected = {id(p) for p in variant.first_pass_params(params)}
+            self._kept = [p.grad.clone() for p in params] if variant.keeps_first_gradient else None
+            groups = [
+                PerturbGroup(
+                    g.params, g.rho, g.adaptive, g.eta, grads=[p.grad if id(p) in selected else None for p in g.params]
+                )
+                for g in groups
+            ]
+            self._perturbation = variant.perturb(groups, self.config.epsilon, guard_nonfinite=grad_scaler is not None)
         torch.clear_autocast_cache()  # autocast caches casts by tensor identity, blind to in-place changes
         if zero_grad:
             self.zero_grad()
@@ -152,6 +176,9 @@ class SAMOptimizer(Optimizer):
         """
         perturbation = self._perturbation
         self.restore()
+        if self._kept is not None:
+            self._combine_into_grads(self._kept)
+            self._kept = None
         if grad_scaler is not None:
             if perturbation is not None:
                 # A first-pass overflow must skip the step as well: a NaN gradient tells the scaler, without a sync.
@@ -184,18 +211,76 @@ class SAMOptimizer(Optimizer):
                 " `SAMModule`), which drives this optimizer under every precision."
             )
         closure = torch.enable_grad()(closure)
+        variant, index = self.variant, self.sam_steps_taken
+        self.sam_steps_taken += 1
+        if variant.climbs_before_forward:  # MSAM: one pass, at w + ε from the momentum
+            self.zero_grad()
+            self.first_step()
+            try:
+                loss = closure()
+            finally:
+                self.restore()
+            return self._base_step(loss)
+        if variant.needs_example_losses:
+            return self._step_selecting_examples(closure)
+        sam = variant.plan(index)
         loss_at_w = None
         if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
             loss_at_w = closure()
+        if sam is None:
+            sam = variant.decide(index, _sq_norm([p.grad for group in self.param_groups for p in group["params"]]))
+        if not sam:
+            if variant.modifies_plain_gradient:
+                grads = [p.grad for group in self.param_groups for p in group["params"]]
+                self._write_grads(variant.plain(grads))
+            return self._base_step(loss_at_w)
         self.first_step(zero_grad=True)
         try:
             loss_perturbed = closure()
         finally:
             self.restore()
+        if self._kept is not None:
+            self._combine_into_grads(self._kept)
+            self._kept = None
+        self._base_step(None)
+        return loss_perturbed if loss_at_w is None else loss_at_w
+
+    def _step_selecting_examples(self, closure: Callable[..., Any]) -> Any:
+        """ESAM's data selection: ``closure(indices)`` returns per-example losses (it does not call backward)."""
+        losses = closure(None)
+        if not isinstance(losses, Tensor) or losses.dim() != 1:
+            raise RuntimeError(
+                f"With {self.variant!r}, `step(closure)` calls `closure(indices)`: it must return the per-example"
+                " losses of the examples at `indices` (all of them for None) as a 1-D tensor, without calling"
+                " backward."
+            )
+        self.zero_grad()
+        losses.mean().backward()
+        self.first_step(zero_grad=True)
+        try:
+            with torch.no_grad():
+                perturbed = closure(None)
+            selected = self.variant.select_examples(losses.detach(), perturbed)
+            closure(selected).mean().backward()
+        finally:
+            self.restore()
+        return self._base_step(losses.detach().mean())
+
+    def _base_step(self, loss: Any) -> Any:
         self.base_optimizer.step()
         # Gradients at w must never be mistaken for the next step's: the next call starts from none.
         self.zero_grad()
-        return loss_perturbed if loss_at_w is None else loss_at_w
+        return loss
+
+    def _combine_into_grads(self, kept: list[Optional[Tensor]]) -> None:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self._write_grads(self.variant.combine(kept, [p.grad for p in params]), params)
+
+    def _write_grads(self, grads: Optional[list[Optional[Tensor]]], params: Optional[list[Tensor]] = None) -> None:
+        params = params if params is not None else [p for group in self.param_groups for p in group["params"]]
+        for p, g in zip(params, grads or []):
+            if g is not None and g is not p.grad:
+                p.grad = g
 
     @contextmanager
     def _delegating(self):
@@ -212,10 +297,18 @@ class SAMOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         if self._perturbation is not None:
             raise RuntimeError("state_dict() between first_step() and second_step(): the weights are perturbed.")
-        return self.base_optimizer.state_dict()
+        state = self.base_optimizer.state_dict()
+        state["sam"] = {
+            "steps": self.sam_steps_taken,
+            "variant": {"name": type(self.variant).__name__, "state": self.variant.state_dict()},
+        }
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.base_optimizer.load_state_dict(state_dict)
+        sam = state_dict.get("sam", {})
+        self.sam_steps_taken = int(sam.get("steps", 0))
+        load_variant_state(self.variant, sam.get("variant"))
+        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "sam"})
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -39,7 +40,8 @@ from lightning_sam.batchnorm import frozen_running_stats
 from lightning_sam.chunks import batch_size, split_batch
 from lightning_sam.config import SAMConfig
 from lightning_sam.patching import Patcher
-from lightning_sam.perturbation import PerturbGroup, groups_from_optimizer, perturb_, restore_
+from lightning_sam.perturbation import PerturbGroup, groups_from_optimizer, restore_
+from lightning_sam.variants import Variant
 
 
 @dataclass
@@ -74,23 +76,79 @@ TrainingStep = Callable[..., Any]
 
 
 class SAMPasses:
-    """Both SAM passes of a training step, as one loss for Lightning (or the manual step) to back-propagate.
+    """The passes of one training step, as one loss for Lightning (or the manual step) to back-propagate.
+
+    The ``variant`` says when the second pass runs, where to climb, which examples the second pass uses and how the
+    final gradient is formed (``lightning_sam.variants``); plain SAM is the default.
 
     Args:
-        config: The SAM settings (``rho``/``adaptive``/``eta``/``epsilon`` of the math, ``m``, ``bn_policy``, ``log``).
-        counters: Where non-finite skips are counted.
+        config: The SAM settings (``rho``/``adaptive``/``eta``/``epsilon`` of the math, ``m``, ``bn_policy``, ``log``,
+            ``interval``).
+        counters: Where SAM / plain steps and non-finite skips are counted.
         optimizer: The optimizer whose param groups say which parameters are perturbed (and each group's ``rho``).
+        variant: The SAM variant.
     """
 
-    def __init__(self, config: SAMConfig, counters: SAMCounters, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(
+        self, config: SAMConfig, counters: SAMCounters, optimizer: torch.optim.Optimizer, variant: Variant
+    ) -> None:
         self.config = config
         self.counters = counters
         self.optimizer = optimizer
+        self.variant = variant
+        self._sam: Optional[bool] = True  # this optimizer step's decision; None until the first gradient decides
 
     def run(
-        self, trainer: pl.Trainer, module: pl.LightningModule, step: TrainingStep, args: tuple, kwargs: dict
+        self,
+        trainer: pl.Trainer,
+        module: pl.LightningModule,
+        step: TrainingStep,
+        args: tuple,
+        kwargs: dict,
+        window: tuple[bool, bool] = (True, True),
     ) -> Any:
-        """Run ``step`` (the strategy's ``training_step``) at w and at w + ε for each chunk; return its output."""
+        """Run ``step`` (the strategy's ``training_step``) as the variant needs; return its output.
+
+        ``window``: whether this call is the first and the last micro-batch of its optimizer step (accumulation).
+        """
+        first_of_window, last_of_window = window
+        if first_of_window:
+            index = trainer.global_step
+            self._sam = self.variant.plan(index) if index % self.config.interval == 0 else False
+        if self.variant.climbs_before_forward:
+            output, sam = self._climb_first(trainer, module, step, args, kwargs), True
+        elif self._sam is False and not self.variant.modifies_plain_gradient:
+            output, sam = step(*args, **kwargs), False  # the loss's own backward gives the gradient: one pass
+        else:
+            output, sam = self._passes(trainer, module, step, args, kwargs)
+        if last_of_window and loss_of(output) is not None:
+            self.counters.count(sam)
+        return output
+
+    # ------------------------------------------------------------------ MSAM: ε before the only forward
+    def _climb_first(self, trainer, module, step, args, kwargs) -> Any:
+        scaler = _lightning.loss_scaler(trainer)
+        scale = _lightning.scale_tensor(scaler) if scaler is not None else None
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        groups = groups_from_optimizer(self.optimizer.param_groups, self.config)
+        perturbation = self.variant.climb(groups, self.optimizer, self.config.epsilon)
+        torch.clear_autocast_cache()
+        try:
+            output = step(*args, **kwargs)
+            loss = loss_of(output)
+            if loss is None:
+                return output
+            grads = list(torch.autograd.grad(loss if scale is None else loss * scale, trainable, allow_unused=True))
+        finally:
+            if perturbation is not None:
+                restore_(perturbation)
+            torch.clear_autocast_cache()
+        _unscale(grads, scale)
+        return with_loss(output, _Objective.apply(loss.detach(), grads, *trainable))
+
+    # ------------------------------------------------------------------ first pass, then (maybe) the second
+    def _passes(self, trainer, module, step, args, kwargs) -> tuple[Any, bool]:
+        variant = self.variant
         batch, rest = args[0], args[1:]
         chunks = split_batch(batch, self.config.m) if self.config.m is not None else [(batch, None)]
         total = batch_size(batch) if len(chunks) > 1 else None
@@ -114,11 +172,24 @@ class SAMPasses:
                         "`training_step` returned a loss for one m-chunk of the batch and None for another. With"
                         " `m`, it must make the same decision for every chunk."
                     )
-                return output
-            grads = torch.autograd.grad(loss if scale is None else loss * scale, trainable, allow_unused=True)
+                return output, bool(self._sam)
+            weight = share if scale is None else share * scale
+            sam = self._sam is not False
+            wrt = variant.first_pass_params(trainable) if sam else trainable
+            grads = _grads_of(loss * weight, trainable, wrt)
+            if self._sam is None:  # decided from the first gradient of the optimizer step (AE-SAM)
+                self._sam = sam = variant.decide(trainer.global_step, _sq_norm_unscaled(grads, weight))
+            outputs.append((output, size))
+            losses.append(loss.detach() * share)
+            if not sam:
+                _unscale(grads, scale)
+                final = _add(final, variant.plain(grads) or grads)
+                continue
+            kept = [None if g is None else g.clone() for g in grads] if variant.keeps_first_gradient else None
+            examples = _example_losses(output, variant)
             grad_of = {id(p): g for p, g in zip(trainable, grads)}
             del grads
-            perturbation = perturb_(
+            perturbation = variant.perturb(
                 [_with_grads(group, grad_of) for group in groups],
                 self.config.epsilon,
                 guard_nonfinite=scaler is not None,
@@ -127,38 +198,48 @@ class SAMPasses:
             torch.clear_autocast_cache()  # autocast caches casts by tensor identity, blind to in-place changes
             try:
                 with _second_pass(module, metrics, self.config.bn_policy == "first"):
-                    perturbed_output = step(chunk, *rest, **kwargs)
-                perturbed_loss = loss_of(perturbed_output)
-                if perturbed_loss is None:
-                    raise MisconfigurationException(
-                        "`training_step` returned a loss at w but None at w + ε (the second SAM pass). It must make"
-                        " the same decision in both passes."
-                    )
-                factor: Any = share if scale is None else share * scale
+                    perturbed_output, perturbed_loss = self._second_forward(step, chunk, rest, kwargs, examples)
+                factor: Any = weight
                 if scaler is not None and perturbation is not None:
                     # An fp16 overflow in the first pass: ε was 0; a NaN gradient makes the scaler skip this step.
                     factor = torch.where(perturbation.finite, factor, torch.nan)
-                perturbed_grads = torch.autograd.grad(perturbed_loss * factor, trainable, allow_unused=True)
+                perturbed_grads = list(torch.autograd.grad(perturbed_loss * factor, trainable, allow_unused=True))
             finally:
                 if perturbation is not None:
                     restore_(perturbation)
                 torch.clear_autocast_cache()
-            final = _add(final, perturbed_grads)
-            outputs.append((output, size))
-            losses.append(loss.detach() * share)
+            _unscale(perturbed_grads, scale)
+            if kept is not None:
+                _unscale(kept, scale)
+            final = _add(final, variant.combine(kept, perturbed_grads))
             perturbed_losses.append(perturbed_loss.detach() * share)
             if perturbation is not None:
                 norms.append(perturbation.grad_norm * share)
                 self.counters.nonfinite_skips = self.counters.nonfinite_skips + (~perturbation.finite).int()
-        if scale is not None:
-            torch._foreach_div_([g for g in final if g is not None], scale)
         if recorder is not None:
             recorder.replay()
         value = losses[0] if total is None else torch.stack(losses).sum()
         loss = _Objective.apply(value, final, *trainable)
-        if self.config.log:
+        if self.config.log and perturbed_losses:
             self._log(module, value, torch.stack(perturbed_losses).sum(), norms, scale)
-        return _with_loss(outputs, loss, total)
+        return _with_loss(outputs, loss, total), bool(self._sam)
+
+    def _second_forward(self, step, chunk, rest, kwargs, examples: Optional[Tensor]) -> tuple[Any, Tensor]:
+        """The second forward at w + ε: on the whole chunk, or on the examples the variant selects (ESAM's SDS)."""
+        if examples is not None:
+            with torch.no_grad():
+                perturbed = _example_losses(step(chunk, *rest, **kwargs), self.variant)
+            selected = self.variant.select_examples(examples, perturbed)
+            if selected is not None:
+                chunk = take_examples(chunk, selected, len(examples))
+        output = step(chunk, *rest, **kwargs)
+        loss = loss_of(output)
+        if loss is None:
+            raise MisconfigurationException(
+                "`training_step` returned a loss at w but None at w + ε (the second SAM pass). It must make the"
+                " same decision in both passes."
+            )
+        return output, loss
 
     @staticmethod
     def _log(module: pl.LightningModule, loss: Tensor, perturbed: Tensor, norms: list, scale: Any) -> None:
@@ -168,6 +249,49 @@ class SAMPasses:
         if norms:
             norm = torch.stack(norms).sum()
             module.log("sam/grad_norm", norm if scale is None else norm / scale, **kwargs)
+
+
+def _grads_of(loss: Tensor, trainable: list[Tensor], wrt: list[Tensor]) -> list[Optional[Tensor]]:
+    """∇loss for each of ``trainable``, computed only for those in ``wrt`` (the others get None), locally."""
+    if len(wrt) == len(trainable):
+        return list(torch.autograd.grad(loss, trainable, allow_unused=True))
+    if not wrt:
+        return [None] * len(trainable)
+    grads = dict(zip(map(id, wrt), torch.autograd.grad(loss, wrt, allow_unused=True)))
+    return [grads.get(id(p)) for p in trainable]
+
+
+def _unscale(grads: list[Optional[Tensor]], scale: Optional[Tensor]) -> None:
+    if scale is not None:
+        present = [g for g in grads if g is not None]
+        if present:
+            torch._foreach_div_(present, scale)
+
+
+def _sq_norm_unscaled(grads: list[Optional[Tensor]], weight: Any) -> Tensor:
+    present = [g for g in grads if g is not None]
+    total = torch.stack(torch._foreach_norm(present, 2, dtype=torch.float32)).square().sum()
+    return total / (weight * weight) if isinstance(weight, Tensor) else total / weight**2
+
+
+def _example_losses(output: Any, variant: Variant) -> Optional[Tensor]:
+    if not variant.needs_example_losses:
+        return None
+    losses = output.get("losses") if isinstance(output, Mapping) else None
+    if not isinstance(losses, Tensor) or losses.dim() != 1:
+        raise MisconfigurationException(
+            f"{variant!r} selects the examples of the second pass by their loss: `training_step` must return a dict"
+            " with 'loss' (the mean) and 'losses' (the per-example losses, a 1-D tensor, e.g."
+            " `F.cross_entropy(logits, y, reduction='none')`)."
+        )
+    return losses.detach()
+
+
+def take_examples(batch: Any, indices: Tensor, size: int) -> Any:
+    """The rows ``indices`` of every tensor in ``batch`` whose first dimension is the batch size ``size``."""
+    return apply_to_collection(
+        batch, Tensor, lambda t: t[indices.to(t.device)] if t.dim() > 0 and t.shape[0] == size else t
+    )
 
 
 class _Objective(torch.autograd.Function):

@@ -24,7 +24,7 @@ from lightning_sam import _lightning
 from lightning_sam.config import SAMConfig
 from lightning_sam.distributed import gradient_sync
 from lightning_sam.patching import Patcher
-from lightning_sam.step import SAMCounters, SAMPasses, loss_of, with_loss
+from lightning_sam.step import SAMPasses, loss_of, with_loss
 
 
 class _InstalledStep:
@@ -32,9 +32,9 @@ class _InstalledStep:
 
     def __init__(self, trainer: pl.Trainer, module: pl.LightningModule, passes: SAMPasses, config: SAMConfig):
         self.trainer, self.module, self.passes, self.config = trainer, module, passes, config
-        self.counters: SAMCounters = passes.counters
         self.patcher = Patcher()
         self.strategy_step = trainer.strategy.training_step
+        self._window_open = False
 
     def install(self) -> None:
         self.patcher.set(self.trainer.strategy, "training_step", self)
@@ -42,13 +42,10 @@ class _InstalledStep:
     def uninstall(self) -> None:
         self.patcher.restore()
 
-    def sam_now(self) -> bool:
-        return self.trainer.global_step % self.config.interval == 0
-
-    def step_output(self, args: tuple, kwargs: dict, sam: bool) -> Any:
-        if sam:
-            return self.passes.run(self.trainer, self.module, self.strategy_step, args, kwargs)
-        return self.strategy_step(*args, **kwargs)
+    def step_output(self, args: tuple, kwargs: dict, last_of_window: bool) -> Any:
+        window = (not self._window_open, last_of_window)
+        self._window_open = not last_of_window
+        return self.passes.run(self.trainer, self.module, self.strategy_step, args, kwargs, window)
 
 
 class AutomaticSAMStep(_InstalledStep):
@@ -59,10 +56,7 @@ class AutomaticSAMStep(_InstalledStep):
         if _lightning.skip_backward(trainer):
             # SWA's BatchNorm epoch: a forward at w to collect statistics, nothing to climb for.
             return self.strategy_step(*args, **kwargs)
-        sam = self.sam_now()
-        if not _lightning.should_accumulate(trainer):
-            self.counters.count(sam)
-        return self.step_output(args, kwargs, sam)
+        return self.step_output(args, kwargs, last_of_window=not _lightning.should_accumulate(trainer))
 
 
 class ManualSAMStep(_InstalledStep):
@@ -89,11 +83,10 @@ class ManualSAMStep(_InstalledStep):
         accumulate = trainer.accumulate_grad_batches
         take_step = not _lightning.should_accumulate(trainer)
         first_of_window = batch_idx % accumulate == 0
-        sam = not skip and self.sam_now()
         outputs: list[Any] = []
 
         def closure() -> Optional[Any]:
-            output = self.step_output(args, kwargs, sam)
+            output = self.strategy_step(*args, **kwargs) if skip else self.step_output(args, kwargs, take_step)
             outputs.append(output)
             loss = loss_of(output)
             if first_of_window and not skip:
@@ -108,8 +101,6 @@ class ManualSAMStep(_InstalledStep):
 
         if take_step:
             _lightning.optimizer_step(trainer, batch_idx, closure)
-            if not skip:
-                self.counters.count(sam)
             _lightning.carry_manual_step_count(trainer)  # both counters agree: checkpoints resume with or without SAM
         else:
             closure()
