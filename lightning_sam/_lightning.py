@@ -8,7 +8,9 @@ arguments.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, ContextManager, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -110,18 +112,37 @@ def optimizer_step(trainer: pl.Trainer, batch_idx: int, closure: Callable[[], An
     progress.increment_completed()
 
 
-def clip_and_schedule_as_in_automatic(trainer: pl.Trainer, patcher: Patcher) -> None:
-    """Let Lightning clip gradients and step LR schedulers for a module in manual optimization.
+def step_and_schedule_as_in_automatic(trainer: pl.Trainer, patcher: Patcher) -> None:
+    """Let Lightning's precision step and LR scheduling treat a module in manual optimization as automatic.
 
-    Both return early in manual optimization: ``Precision._clip_gradients`` (called after ``on_before_optimizer_step``
-    with unscaled gradients) and ``_TrainingEpochLoop._update_learning_rates`` (called after each optimizer step,
-    after a mid-epoch validation for plateau schedulers, and at epoch end). The patches run Lightning's own code with
-    the module reading as automatic for the duration of the call, so ``interval``, ``frequency``, ``monitor``,
-    ``strict`` and the order against validation and checkpoints are Lightning's.
+    ``Precision.optimizer_step`` (with ``_after_closure``: clipping after ``on_before_optimizer_step``, on unscaled
+    gradients; and under 16-mixed, skipping the step when the closure returned no loss) and
+    ``_TrainingEpochLoop._update_learning_rates`` (after each optimizer step, after a mid-epoch validation for plateau
+    schedulers, and at epoch end) treat manual optimization differently. The patches run Lightning's own code with
+    the module reading as automatic for the duration of the call (the closure inside reads as manual again: see
+    ``in_training_step``), so skipping, clipping, ``interval``, ``frequency``, ``monitor``, ``strict`` and the order
+    against validation and checkpoints are Lightning's.
     """
     precision, epoch_loop = trainer.precision_plugin, trainer.fit_loop.epoch_loop
-    for owner, name in ((precision, "_clip_gradients"), (epoch_loop, "_update_learning_rates")):
+    for owner, name in ((precision, "optimizer_step"), (epoch_loop, "_update_learning_rates")):
         patcher.set(owner, name, _AsAutomatic(trainer, getattr(owner, name)))
+
+
+def in_training_step(module: pl.LightningModule) -> ContextManager[None]:
+    """The module's state while its ``training_step`` runs: manual optimization, and ``self.log`` filed under
+    ``training_step`` (not under the ``optimizer_step`` hook that the closure runs in)."""
+    patcher = Patcher()
+
+    @contextmanager
+    def scope() -> Iterator[None]:
+        patcher.set(module, "_automatic_optimization", False)
+        patcher.set(module, "_current_fx_name", "training_step")
+        try:
+            yield
+        finally:
+            patcher.restore()
+
+    return scope()
 
 
 class _AsAutomatic:
@@ -165,6 +186,27 @@ def check_manual_optimization_features(trainer: pl.Trainer, module_name: str) ->
             refuse("`GradientAccumulationScheduler`", "a fixed `accumulate_grad_batches`")
         if isinstance(callback, ModelCheckpoint) and callback._train_time_interval is not None:
             refuse("`ModelCheckpoint(train_time_interval=...)`", "`every_n_train_steps` or `every_n_epochs`")
+        if isinstance(callback, ModelCheckpoint) and callback._every_n_train_steps and callback.monitor is not None:
+            refuse(
+                "the deferral of a monitored `ModelCheckpoint(every_n_train_steps=...)` to the next validation (it"
+                " would rank checkpoints by stale values)",
+                "`every_n_epochs` with `monitor`, or `every_n_train_steps` without `monitor`",
+            )
+
+
+def check_tuner_callbacks(trainer: pl.Trainer) -> None:
+    """Refuse the tuner callbacks: they run their search in ``on_fit_start`` before the SAM step is installed."""
+    from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, (LearningRateFinder, BatchSizeFinder)):
+            raise MisconfigurationException(
+                f"`{type(callback).__name__}` (also what `Tuner.lr_find` / `Tuner.scale_batch_size` add) runs its"
+                " search before SAM is installed: it would search with plain steps, not SAM's (which take two passes"
+                " and hold more memory), and suggest a value for the wrong method. Run the search in its own fit, then"
+                " train with SAM."
+            )
 
 
 def quiet_manual_checkpoint_warning() -> Callable[[], None]:

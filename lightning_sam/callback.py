@@ -13,12 +13,19 @@ from typing_extensions import override
 from lightning_sam import _lightning
 from lightning_sam.config import BatchNormPolicy, SAMConfig, validate_param_groups
 from lightning_sam.distributed import check_strategy, warn_sync_batchnorm
+from lightning_sam.perturbation import check_parameters
 from lightning_sam.optimizer import SAMOptimizer
 from lightning_sam.patching import Patcher
 from lightning_sam.step import SAMCounters, SAMPasses
 from lightning_sam.training_step import AutomaticSAMStep, ManualSAMStep
 from lightning_sam.variants import Variant
-from lightning_sam.variants.binding import bind_variant, check_variant, is_default, load_variant_state
+from lightning_sam.variants.binding import (
+    bind_variant,
+    check_variant,
+    is_default,
+    load_variant_state,
+    variant_state,
+)
 
 _MATH_SETTINGS = ("rho", "adaptive", "eta", "epsilon")
 
@@ -52,6 +59,7 @@ class SAM(Callback):
         variant: A SAM variant from ``lightning_sam.variants`` (``LookSAM(k=5)``, ``RandomSAM(p=0.5)``, ``AESAM()``,
             ``MSAM()``, ``ESAM()``, ``ASAM()``); ``None`` is plain SAM (ASAM with ``adaptive=True``). Its state is
             saved in the callback's checkpoint state.
+        same_randomness: Replay the first pass's RNG state in the second pass (same dropout masks at w and w + ε).
 
     Raises:
         ValueError: at construction, for a setting out of range; at ``setup``, for an unsupported strategy.
@@ -80,10 +88,19 @@ class SAM(Callback):
         m: Optional[int] = None,
         log: bool = True,
         variant: Optional[Variant] = None,
+        same_randomness: bool = False,
     ) -> None:
         super().__init__()
         self.config = SAMConfig(
-            rho=rho, adaptive=adaptive, eta=eta, epsilon=epsilon, interval=interval, bn_policy=bn_policy, m=m, log=log
+            rho=rho,
+            adaptive=adaptive,
+            eta=eta,
+            epsilon=epsilon,
+            interval=interval,
+            bn_policy=bn_policy,
+            m=m,
+            log=log,
+            same_randomness=same_randomness,
         )
         self.variant = check_variant(variant, self.config)
         self.counters = SAMCounters()
@@ -118,6 +135,7 @@ class SAM(Callback):
                 " `lightning_sam.SAMOptimizer` (first_step / second_step) yourself. (SAM needs exactly one optimizer:"
                 " use param groups rather than several optimizers.)"
             )
+        _lightning.check_tuner_callbacks(trainer)
         if _lightning.takes_dataloader_iter(pl_module):
             raise MisconfigurationException(
                 "`training_step(self, dataloader_iter)` cannot be used with SAM: SAM calls `training_step` twice per"
@@ -132,21 +150,7 @@ class SAM(Callback):
     def _check_one_optimizer(self, pl_module: pl.LightningModule) -> None:
         """Refuse several optimizers as ``configure_optimizers`` returns them, before Lightning's automatic-mode check
         (which would advise manual optimization, the one thing the SAM callback cannot take)."""
-        configured = pl_module.configure_optimizers
-        patcher = self._configure_patch
-
-        def configure_optimizers() -> Any:
-            patcher.restore()  # the module's own (or LightningCLI's) again, as before
-            result = configured()
-            count = _lightning.count_optimizers(result)
-            if count != 1:
-                raise MisconfigurationException(
-                    f"SAM needs exactly one optimizer, but `configure_optimizers` returned {count}. Put all"
-                    " parameters in one optimizer (use param groups for different settings)."
-                )
-            return result
-
-        patcher.set(pl_module, "configure_optimizers", configure_optimizers)
+        self._configure_patch.set(pl_module, "configure_optimizers", _OneOptimizer(pl_module.configure_optimizers))
 
     def _adopt_module_settings(self, pl_module: pl.LightningModule) -> None:
         module_variant = getattr(pl_module, "sam_variant", None)
@@ -201,7 +205,9 @@ class SAM(Callback):
             # Lightning calls `step` as for any optimizer; the passes are run here.
             self._patcher.set(optimizer, "base_steps_only", True)
         validate_param_groups(optimizer.param_groups, math)
+        check_parameters(pl_module)
         bind_variant(self.variant, optimizer, math, trainer.world_size)
+        self.variant.bind_model(pl_module)
         warn_sync_batchnorm(trainer, pl_module)
         passes = SAMPasses(math, self.counters, optimizer, self.variant)
         step_class = ManualSAMStep if _manual(pl_module) else AutomaticSAMStep
@@ -236,7 +242,7 @@ class SAM(Callback):
         return {
             "config": self.config.to_dict(),
             **self.counters.state_dict(),
-            "variant": {"name": type(self.variant).__name__, "state": self.variant.state_dict()},
+            "variant": variant_state(self.variant),
         }
 
     @override
@@ -249,6 +255,24 @@ class SAM(Callback):
                 f"Resuming with SAM settings that differ from the checkpoint's: {saved.diff(self.config)}"
                 " (checkpoint, now). The current settings are used."
             )
+
+
+class _OneOptimizer:
+    """Stands in for the module's ``configure_optimizers`` from ``setup`` until ``on_fit_start``: the same result,
+    checked to hold one optimizer. A plain object (not a closure), so the module can be pickled or copied meanwhile."""
+
+    def __init__(self, configure_optimizers: Any) -> None:
+        self.configure_optimizers = configure_optimizers
+
+    def __call__(self) -> Any:
+        result = self.configure_optimizers()
+        count = _lightning.count_optimizers(result)
+        if count != 1:
+            raise MisconfigurationException(
+                f"SAM needs exactly one optimizer, but `configure_optimizers` returned {count}. Put all"
+                " parameters in one optimizer (use param groups for different settings)."
+            )
+        return result
 
 
 def _manual(pl_module: pl.LightningModule) -> bool:

@@ -29,6 +29,9 @@ class SAMConfig:
         m: Examples per ε (m-sharpness). ``None`` uses the whole per-device batch; a smaller value splits it into
             chunks of ``m`` examples, each with its own ε and its own perturbed gradient.
         log: Log ``sam/perturbed_loss``, ``sam/sharpness`` and ``sam/grad_norm`` through ``LightningModule.log``.
+        same_randomness: Run the second pass with the RNG state the first pass started from (CPU and CUDA), so that
+            dropout masks, stochastic depth and random augmentation inside ``training_step`` are the same at w and at
+            w + ε, as in the official JAX implementation; afterwards the RNG is where the first pass left it.
     """
 
     rho: float = 0.05
@@ -39,6 +42,7 @@ class SAMConfig:
     bn_policy: BatchNormPolicy = "first"
     m: Optional[int] = None
     log: bool = True
+    same_randomness: bool = False
 
     def __post_init__(self) -> None:
         validate_rho(self.rho)
@@ -63,6 +67,8 @@ class SAMConfig:
             )
         if not isinstance(self.log, bool):
             raise TypeError(f"`log` must be a bool, got {self.log!r}.")
+        if not isinstance(self.same_randomness, bool):
+            raise TypeError(f"`same_randomness` must be a bool, got {self.same_randomness!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

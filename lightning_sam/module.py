@@ -42,6 +42,7 @@ class SAMModule(pl.LightningModule):
         m: Examples per ε, as for ``SAM``.
         log_sam: Log the ``sam/*`` metrics (the callback's ``log``).
         variant: A SAM variant from ``lightning_sam.variants``, as for ``SAM``.
+        same_randomness: Replay the first pass's RNG state in the second pass, as for ``SAM``.
         **kwargs: Passed on to the next class in the MRO.
 
     Example:
@@ -77,6 +78,7 @@ class SAMModule(pl.LightningModule):
         m: Optional[int] = None,
         log_sam: bool = True,
         variant: Optional[Variant] = None,
+        same_randomness: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -89,6 +91,7 @@ class SAMModule(pl.LightningModule):
             bn_policy=bn_policy,
             m=m,
             log=log_sam,
+            same_randomness=same_randomness,
         )
         self.sam_variant = check_variant(variant, self.sam_config)
         # An instance attribute, so that a subclass that overrides `configure_callbacks` still gets its SAM step.

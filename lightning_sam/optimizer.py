@@ -12,9 +12,10 @@ from torch.optim import Optimizer
 
 from lightning_sam.config import SAMConfig, validate_param_groups
 from lightning_sam.perturbation import Perturbation, PerturbGroup, groups_from_optimizer, restore_
+from lightning_sam.rng import get_rng_state, set_rng_state
 from lightning_sam.variants import Variant
 from lightning_sam.variants.base import sq_norm as _sq_norm
-from lightning_sam.variants.binding import bind_variant, check_variant, load_variant_state
+from lightning_sam.variants.binding import bind_variant, check_variant, load_variant_state, variant_state
 
 # `Callable[[Iterable], Optimizer]` is what LightningCLI / jsonargparse read as "an optimizer given by class_path and
 # init_args, still waiting for its parameters"; a plain optimizer class fits it too.
@@ -41,6 +42,9 @@ class SAMOptimizer(Optimizer):
             closure once or twice as the variant needs (``LookSAM`` between its SAM steps: once; ``MSAM``: once, at
             w + ε). With ``ESAM(gamma < 1)`` the closure takes ``indices`` (``None`` for the whole batch) and returns
             the per-example losses of those examples without calling backward.
+        same_randomness: In ``step(closure)``, run the closure at w + ε with the RNG state it started from at w (same
+            dropout masks); afterwards the RNG is where the first call left it.
+        model: The model, for a variant that selects parameters by module type or name (``SAMON``).
         **kwargs: Passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Example:
@@ -76,9 +80,11 @@ class SAMOptimizer(Optimizer):
         eta: float = 0.01,
         epsilon: float = 1e-12,
         variant: Optional[Variant] = None,
+        same_randomness: bool = False,
+        model: Optional[torch.nn.Module] = None,
         **kwargs: Any,
     ) -> None:
-        self.config = SAMConfig(rho=rho, adaptive=adaptive, eta=eta, epsilon=epsilon)
+        self.config = SAMConfig(rho=rho, adaptive=adaptive, eta=eta, epsilon=epsilon, same_randomness=same_randomness)
         self.variant = check_variant(variant, self.config)
         if not callable(base_optimizer):
             raise TypeError(
@@ -98,6 +104,8 @@ class SAMOptimizer(Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         bind_variant(self.variant, self.base_optimizer, self.config, world)
+        if model is not None:
+            self.variant.bind_model(model)
         self._perturbation: Optional[Perturbation] = None
         self._kept: Optional[list[Optional[Tensor]]] = None
         self._delegate = False
@@ -129,6 +137,9 @@ class SAMOptimizer(Optimizer):
             raise RuntimeError("first_step() was called twice without second_step() or restore() in between.")
         variant = self.variant
         groups = groups_from_optimizer(self.param_groups, self.config)
+        factor = variant.rho_factor(self.sam_steps_taken, float(self.param_groups[0]["lr"]), self.config.rho)
+        if factor != 1.0:
+            groups = [PerturbGroup(g.params, g.rho * factor, g.adaptive, g.eta) for g in groups]
         if variant.climbs_before_forward:
             self._perturbation = variant.climb(groups, self.base_optimizer, self.config.epsilon)
         else:
@@ -225,8 +236,11 @@ class SAMOptimizer(Optimizer):
             return self._step_selecting_examples(closure)
         sam = variant.plan(index)
         loss_at_w = None
+        start = get_rng_state() if self.config.same_randomness else None
         if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
             loss_at_w = closure()
+        elif start is not None:
+            start = None  # the pass at w ran before this call: its RNG state is not known here
         if sam is None:
             sam = variant.decide(index, _sq_norm([p.grad for group in self.param_groups for p in group["params"]]))
         if not sam:
@@ -235,10 +249,15 @@ class SAMOptimizer(Optimizer):
                 self._write_grads(variant.plain(grads))
             return self._base_step(loss_at_w)
         self.first_step(zero_grad=True)
+        after_first = get_rng_state() if start is not None else None
+        if start is not None:
+            set_rng_state(start)
         try:
             loss_perturbed = closure()
         finally:
             self.restore()
+            if after_first is not None:
+                set_rng_state(after_first)
         if self._kept is not None:
             self._combine_into_grads(self._kept)
             self._kept = None
@@ -300,7 +319,7 @@ class SAMOptimizer(Optimizer):
         state = self.base_optimizer.state_dict()
         state["sam"] = {
             "steps": self.sam_steps_taken,
-            "variant": {"name": type(self.variant).__name__, "state": self.variant.state_dict()},
+            "variant": variant_state(self.variant),
         }
         return state
 

@@ -66,6 +66,24 @@ def with_grads(groups: Sequence[PerturbGroup], grads: Sequence[Optional[Tensor]]
     return out
 
 
+def check_parameters(module: torch.nn.Module) -> None:
+    """Refuse, before any step, the parameters SAM cannot perturb correctly."""
+    for name, submodule in module.named_modules():
+        if isinstance(submodule, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and submodule.sparse:
+            if submodule.weight.requires_grad:
+                raise ValueError(
+                    f"`{name or type(submodule).__name__}` has `sparse=True`: SAM does not support sparse gradients"
+                    " (ε is dense). Use `sparse=False`."
+                )
+    hooked = [name for name, p in module.named_parameters() if p.requires_grad and getattr(p, "_backward_hooks", None)]
+    if hooked:
+        raise ValueError(
+            f"Gradient hooks are registered on {hooked[:3]} (`p.register_hook`). SAM computes the gradient twice per"
+            " step and hands the final one to the backward, so such a hook would run three times and change the"
+            " final gradient twice. Change gradients in `on_after_backward` or `on_before_optimizer_step` instead."
+        )
+
+
 def grad_norm(tensors: Sequence[Tensor]) -> Tensor:
     """The 2-norm of all ``tensors`` taken together, in float32, on their device."""
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)

@@ -40,6 +40,7 @@ from lightning_sam.batchnorm import frozen_running_stats
 from lightning_sam.chunks import batch_size, split_batch
 from lightning_sam.config import SAMConfig
 from lightning_sam.patching import Patcher
+from lightning_sam.rng import get_rng_state, set_rng_state
 from lightning_sam.perturbation import PerturbGroup, groups_from_optimizer, restore_
 from lightning_sam.variants import Variant
 
@@ -129,8 +130,8 @@ class SAMPasses:
     def _climb_first(self, trainer, module, step, args, kwargs) -> Any:
         scaler = _lightning.loss_scaler(trainer)
         scale = _lightning.scale_tensor(scaler) if scaler is not None else None
-        trainable = [p for p in module.parameters() if p.requires_grad]
-        groups = groups_from_optimizer(self.optimizer.param_groups, self.config)
+        trainable = trainable_params(module, self.optimizer)
+        groups = _scheduled_groups(self.variant, self.optimizer, self.config, trainer.global_step)
         perturbation = self.variant.climb(groups, self.optimizer, self.config.epsilon)
         torch.clear_autocast_cache()
         try:
@@ -138,13 +139,13 @@ class SAMPasses:
             loss = loss_of(output)
             if loss is None:
                 return output
-            grads = list(torch.autograd.grad(loss if scale is None else loss * scale, trainable, allow_unused=True))
+            grads = _local_grads(loss if scale is None else loss * scale, trainable, trainable)
         finally:
             if perturbation is not None:
                 restore_(perturbation)
             torch.clear_autocast_cache()
         _unscale(grads, scale)
-        return with_loss(output, _Objective.apply(loss.detach(), grads, *trainable))
+        return with_loss(output, sam_loss(loss.detach(), trainable, grads))
 
     # ------------------------------------------------------------------ first pass, then (maybe) the second
     def _passes(self, trainer, module, step, args, kwargs) -> tuple[Any, bool]:
@@ -152,19 +153,24 @@ class SAMPasses:
         batch, rest = args[0], args[1:]
         chunks = split_batch(batch, self.config.m) if self.config.m is not None else [(batch, None)]
         total = batch_size(batch) if len(chunks) > 1 else None
-        trainable = [p for p in module.parameters() if p.requires_grad]
-        groups = groups_from_optimizer(self.optimizer.param_groups, self.config)
+        trainable = trainable_params(module, self.optimizer)
+        groups = _scheduled_groups(variant, self.optimizer, self.config, trainer.global_step)
         scaler = _lightning.loss_scaler(trainer)
         scale = _lightning.scale_tensor(scaler) if scaler is not None else None
         metrics = [m for m in module.modules() if isinstance(m, Metric)]
+        rng = _RNGReplay() if self.config.same_randomness else None
 
         final: Optional[list[Optional[Tensor]]] = None
         outputs, losses, perturbed_losses, norms = [], [], [], []
         recorder = _LogRecorder(module) if total is not None else None
         for index, (chunk, size) in enumerate(chunks):
             share = 1.0 if total is None else size / total
+            if rng is not None:
+                rng.save_start()
+            versions = _versions(chunk)
             with recorder.recording(share) if recorder is not None else _nothing():
                 output = step(chunk, *rest, **kwargs)
+            _check_unchanged(chunk, versions)
             loss = loss_of(output)
             if loss is None:
                 if index > 0:
@@ -176,7 +182,7 @@ class SAMPasses:
             weight = share if scale is None else share * scale
             sam = self._sam is not False
             wrt = variant.first_pass_params(trainable) if sam else trainable
-            grads = _grads_of(loss * weight, trainable, wrt)
+            grads = _local_grads(loss * weight, trainable, wrt)
             if self._sam is None:  # decided from the first gradient of the optimizer step (AE-SAM)
                 self._sam = sam = variant.decide(trainer.global_step, _sq_norm_unscaled(grads, weight))
             outputs.append((output, size))
@@ -184,7 +190,7 @@ class SAMPasses:
             if not sam:
                 _unscale(grads, scale)
                 final = _add(final, variant.plain(grads) or grads)
-                continue
+                continue  # the variants see true gradients (ε itself does not depend on the scale)
             kept = [None if g is None else g.clone() for g in grads] if variant.keeps_first_gradient else None
             examples = _example_losses(output, variant)
             grad_of = {id(p): g for p, g in zip(trainable, grads)}
@@ -197,20 +203,21 @@ class SAMPasses:
             del grad_of  # now ε: spent
             torch.clear_autocast_cache()  # autocast caches casts by tensor identity, blind to in-place changes
             try:
-                with _second_pass(module, metrics, self.config.bn_policy == "first"):
+                with (
+                    _second_pass(module, metrics, self.config.bn_policy == "first"),
+                    rng.replayed() if rng is not None else _nothing(),
+                ):
                     perturbed_output, perturbed_loss = self._second_forward(step, chunk, rest, kwargs, examples)
                 factor: Any = weight
                 if scaler is not None and perturbation is not None:
                     # An fp16 overflow in the first pass: ε was 0; a NaN gradient makes the scaler skip this step.
                     factor = torch.where(perturbation.finite, factor, torch.nan)
-                perturbed_grads = list(torch.autograd.grad(perturbed_loss * factor, trainable, allow_unused=True))
+                perturbed_grads = _local_grads(perturbed_loss * factor, trainable, trainable)
             finally:
                 if perturbation is not None:
                     restore_(perturbation)
                 torch.clear_autocast_cache()
             _unscale(perturbed_grads, scale)
-            if kept is not None:
-                _unscale(kept, scale)
             final = _add(final, variant.combine(kept, perturbed_grads))
             perturbed_losses.append(perturbed_loss.detach() * share)
             if perturbation is not None:
@@ -219,7 +226,7 @@ class SAMPasses:
         if recorder is not None:
             recorder.replay()
         value = losses[0] if total is None else torch.stack(losses).sum()
-        loss = _Objective.apply(value, final, *trainable)
+        loss = sam_loss(value, trainable, final)
         if self.config.log and perturbed_losses:
             self._log(module, value, torch.stack(perturbed_losses).sum(), norms, scale)
         return _with_loss(outputs, loss, total), bool(self._sam)
@@ -227,7 +234,7 @@ class SAMPasses:
     def _second_forward(self, step, chunk, rest, kwargs, examples: Optional[Tensor]) -> tuple[Any, Tensor]:
         """The second forward at w + ε: on the whole chunk, or on the examples the variant selects (ESAM's SDS)."""
         if examples is not None:
-            with torch.no_grad():
+            with torch.no_grad(), _RNGReplay.again() if self.config.same_randomness else _nothing():
                 perturbed = _example_losses(step(chunk, *rest, **kwargs), self.variant)
             selected = self.variant.select_examples(examples, perturbed)
             if selected is not None:
@@ -251,14 +258,70 @@ class SAMPasses:
             module.log("sam/grad_norm", norm if scale is None else norm / scale, **kwargs)
 
 
-def _grads_of(loss: Tensor, trainable: list[Tensor], wrt: list[Tensor]) -> list[Optional[Tensor]]:
-    """∇loss for each of ``trainable``, computed only for those in ``wrt`` (the others get None), locally."""
-    if len(wrt) == len(trainable):
-        return list(torch.autograd.grad(loss, trainable, allow_unused=True))
+def _scheduled_groups(
+    variant: Variant, optimizer: torch.optim.Optimizer, config: SAMConfig, step: int
+) -> list[PerturbGroup]:
+    """The optimizer's groups as ``PerturbGroup``s, each ρ scaled by the variant's ρ schedule at ``step``."""
+    groups = groups_from_optimizer(optimizer.param_groups, config)
+    factor = variant.rho_factor(step, float(optimizer.param_groups[0]["lr"]), config.rho)
+    if factor == 1.0:
+        return groups
+    return [PerturbGroup(g.params, g.rho * factor, g.adaptive, g.eta, grads=g.grads) for g in groups]
+
+
+def _versions(batch: Any) -> list[tuple[Tensor, int]]:
+    found: list[tuple[Tensor, int]] = []
+    apply_to_collection(batch, Tensor, lambda t: found.append((t, t._version)))
+    return found
+
+
+def _check_unchanged(batch: Any, versions: list[tuple[Tensor, int]]) -> None:
+    if any(t._version != v for t, v in versions):
+        raise MisconfigurationException(
+            "`training_step` changed its batch in place (e.g. `x.sub_(mean)` or `x /= 255`). SAM calls `training_step`"
+            " twice on the same batch, at w and at w + ε, and the second call would see the changed batch. Compute"
+            " out of place (`x = (x - mean) / std`), or move the transform to the DataLoader."
+        )
+
+
+def trainable_params(module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Every tensor a plain backward would give a gradient to: the module's trainable parameters, and the
+    optimizer's that are not registered on the module."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    known = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad and id(p) not in known:
+                params.append(p)
+                known.add(id(p))
+    return params
+
+
+def _local_grads(loss: Tensor, trainable: list[Tensor], wrt: list[Tensor]) -> list[Optional[Tensor]]:
+    """∇loss for each of ``trainable`` (computed only for those in ``wrt``; None for the others), without writing
+    ``.grad`` or firing DDP's hooks; each a tensor of its own that the SAM math may change in place."""
     if not wrt:
         return [None] * len(trainable)
-    grads = dict(zip(map(id, wrt), torch.autograd.grad(loss, wrt, allow_unused=True)))
-    return [grads.get(id(p)) for p in trainable]
+    before = [(p.grad, None if p.grad is None else p.grad._version) for p in wrt]
+    computed = torch.autograd.grad(loss, wrt, allow_unused=True)
+    if any(p.grad is not g or (g is not None and g._version != v) for p, (g, v) in zip(wrt, before)):
+        raise MisconfigurationException(
+            "A backward inside the model wrote `.grad` while SAM took its gradient with `torch.autograd.grad`: this is"
+            " what a reentrant `torch.utils.checkpoint(..., use_reentrant=True)` does, and the gradient would be lost."
+            " Use `torch.utils.checkpoint(..., use_reentrant=False)`."
+        )
+    seen: set[int] = set()
+    owned = []
+    for g in computed:
+        if g is not None and (id(g) in seen or g._base is not None or not g.is_contiguous()):
+            g = g.clone(memory_format=torch.contiguous_format)  # shared, a view, or expanded: SAM writes in place
+        if g is not None:
+            seen.add(id(g))
+        owned.append(g)
+    if len(wrt) == len(trainable):
+        return owned
+    by_id = dict(zip(map(id, wrt), owned))
+    return [by_id.get(id(p)) for p in trainable]
 
 
 def _unscale(grads: list[Optional[Tensor]], scale: Optional[Tensor]) -> None:
@@ -302,18 +365,25 @@ class _Objective(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, value: Tensor, grads: Sequence[Optional[Tensor]], *params: Tensor) -> Tensor:
+    def forward(ctx: Any, value: Tensor, grads: Sequence[Tensor], *params: Tensor) -> Tensor:
         ctx.grads = grads
         return value.clone()
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple:
-        # Scaled in place and handed over: with no gradient yet in `.grad`, autograd adopts these buffers as they are.
-        grads, ctx.grads = ctx.grads, None
-        present = [g for g in grads if g is not None]
-        if present:
-            torch._foreach_mul_(present, grad_output.to(present[0].dtype))
-        return (None, None, *grads)
+        # Out of place: the loss may be back-propagated more than once (retain_graph), like any loss.
+        scaled = torch._foreach_mul(list(ctx.grads), grad_output.to(ctx.grads[0].dtype)) if ctx.grads else []
+        return (None, None, *scaled)
+
+
+def sam_loss(value: Tensor, params: Sequence[Tensor], grads: Sequence[Optional[Tensor]]) -> Tensor:
+    """A loss whose value is ``value`` and whose backward puts ``grads`` into ``params``' gradients.
+
+    Only the parameters that have a gradient are inputs of the graph: an unused parameter stays unused, for autograd
+    and for DDP's unused-parameter detection, as with the loss's own graph.
+    """
+    pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+    return _Objective.apply(value, [g for _, g in pairs], *[p for p, _ in pairs])
 
 
 def _add(total: Optional[list], grads: Sequence[Optional[Tensor]]) -> list:
@@ -378,6 +448,39 @@ def _with_loss(outputs: list[tuple[Any, Optional[int]]], loss: Tensor, total: Op
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+class _RNGReplay:
+    """The second pass draws what the first pass drew (dropout masks, stochastic depth, augmentation inside
+    ``training_step``), on the CPU and on every CUDA device; afterwards the RNG is where the first pass left it, as if
+    one pass had run."""
+
+    _current: Optional[_RNGReplay] = None
+
+    def save_start(self) -> None:
+        self.start = get_rng_state()
+
+    @contextmanager
+    def replayed(self) -> Iterator[None]:
+        after_first = get_rng_state()
+        _RNGReplay._current = self
+        set_rng_state(self.start)
+        try:
+            yield
+        finally:
+            _RNGReplay._current = None
+            set_rng_state(after_first)
+
+    @staticmethod
+    @contextmanager
+    def again() -> Iterator[None]:
+        """Inside ``replayed``: one more pass from the same start (ESAM's selection pass before the second pass)."""
+        current = _RNGReplay._current
+        try:
+            yield
+        finally:
+            if current is not None:
+                set_rng_state(current.start)
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_sam import _lightning
 from lightning_sam.config import SAMConfig
@@ -65,8 +66,9 @@ class ManualSAMStep(_InstalledStep):
     def install(self) -> None:
         trainer, module = self.trainer, self.module
         self.patcher.set(module, "automatic_optimization", False)
-        # Lightning's clipping and scheduler stepping skip manual optimization; SAMModule wants them as in automatic.
-        _lightning.clip_and_schedule_as_in_automatic(trainer, self.patcher)
+        # Lightning's precision step (skip, clipping) and scheduler stepping treat manual optimization differently;
+        # SAMModule wants them as in automatic.
+        _lightning.step_and_schedule_as_in_automatic(trainer, self.patcher)
         self._quiet = _lightning.quiet_manual_checkpoint_warning()
         super().install()
 
@@ -86,21 +88,28 @@ class ManualSAMStep(_InstalledStep):
         outputs: list[Any] = []
 
         def closure() -> Optional[Any]:
-            output = self.strategy_step(*args, **kwargs) if skip else self.step_output(args, kwargs, take_step)
-            outputs.append(output)
-            loss = loss_of(output)
-            if first_of_window and not skip:
-                _lightning.zero_grad(trainer, batch_idx)
-            if loss is None:
-                _lightning.check_world_size_for_skip(trainer)
-                return None
-            if not skip:
-                with gradient_sync(trainer, take_step):
-                    module.manual_backward(loss / accumulate if accumulate > 1 else loss)
-            return loss.detach()
+            with _lightning.in_training_step(module):
+                output = self.strategy_step(*args, **kwargs) if skip else self.step_output(args, kwargs, take_step)
+                outputs.append(output)
+                loss = loss_of(output)
+                if first_of_window and not skip:
+                    _lightning.zero_grad(trainer, batch_idx)
+                if loss is None:
+                    _lightning.check_world_size_for_skip(trainer)
+                    return None
+                if not skip:
+                    with gradient_sync(trainer, take_step):
+                        module.manual_backward(loss / accumulate if accumulate > 1 else loss)
+                return loss.detach()
 
         if take_step:
             _lightning.optimizer_step(trainer, batch_idx, closure)
+            if not outputs:
+                raise MisconfigurationException(
+                    "The closure hasn't been executed. HINT: did you call `optimizer_closure()` in your"
+                    " `optimizer_step` hook? It could also happen because the `optimizer.step(optimizer_closure)`"
+                    " call did not execute it internally."
+                )
             _lightning.carry_manual_step_count(trainer)  # both counters agree: checkpoints resume with or without SAM
         else:
             closure()

@@ -9,6 +9,9 @@ Each variant is written from its paper's update rule, as the library's docstring
 - MSAM: ε = −ρ·v/‖v‖ from the base optimizer's momentum (0 before there is one); one gradient, at w + ε.
 - ESAM: per step, each parameter tensor kept when ``torch.rand(n, generator)[i]`` < β; ε = ρ/β·g/‖g‖ over the kept
   ones; the second gradient is that of the mean loss over the γ·B examples whose loss rose most.
+- GSAM: ρ_t = ρ_min + (ρ_max − ρ_min)·clamp(lr_t / max(lr so far), 0, 1); final g_s − α·(g − (g·g_s/‖g_s‖²)·g_s).
+- Friendly-SAM: d = g (first step) or g − σ·m; m ← g (first step) or λ·m + (1 − λ)·g; ε = ρ·d/‖d‖.
+- SAM-ON: ε = ρ·g/‖g‖ over the selected parameters only.
 """
 
 from __future__ import annotations
@@ -61,9 +64,14 @@ def reference_variant_run(
     rho: float,
     make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
     knobs: Optional[dict] = None,
+    lrs: Optional[list[float]] = None,
 ) -> tuple[dict[str, Tensor], list[bool]]:
-    """Train a copy of ``net``'s weights over ``batches``; return the final weights and which steps were SAM."""
+    """Train a copy of ``net``'s weights over ``batches``; return the final weights and which steps were SAM.
+
+    ``lrs``: the learning rate of each step (set on the optimizer before it), for schedules tied to the LR."""
     knobs = knobs or {}
+    friendly_m: Optional[dict[str, Tensor]] = None
+    seen_lr = 0.0
     names = [n for n, _ in net.named_parameters()]
     leaves = [p.detach().clone().requires_grad_(True) for _, p in net.named_parameters()]
     opt = make_optimizer(leaves)
@@ -72,6 +80,11 @@ def reference_variant_run(
     generator = torch.Generator().manual_seed(knobs.get("seed", 0))
     sam_steps = []
     for t, (x, y) in enumerate(batches):
+        if lrs is not None:
+            for group in opt.param_groups:
+                group["lr"] = lrs[t]
+        lr = opt.param_groups[0]["lr"]
+        seen_lr = max(seen_lr, lr)
         params = dict(zip(names, [p.detach() for p in leaves]))
         if variant == "msam":
             momenta = {
@@ -115,6 +128,20 @@ def reference_variant_run(
                 rise = _losses(net, shifted, x, y) - _losses(net, params, x, y)
                 rows = torch.topk(rise, max(1, int(len(y) * gamma))).indices if gamma < 1 else None
                 final = _grads(net, shifted, x, y, rows)
+            elif variant == "gsam":
+                rho_t = knobs["rho_min"] + (knobs["rho_max"] - knobs["rho_min"]) * min(max(lr / seen_lr, 0.0), 1.0)
+                g_s = _grads(net, _shift(params, _sam_eps(g, rho_t)), x, y)
+                c = _dot(g, g_s) / _norm(g_s) ** 2
+                final = {n: g_s[n] - knobs["alpha"] * (g[n].double() - c * g_s[n].double()).to(g_s[n].dtype) for n in g}
+            elif variant == "fsam":
+                if friendly_m is None:
+                    d, friendly_m = dict(g), {n: v.clone() for n, v in g.items()}
+                else:
+                    d = {n: g[n] - knobs["sigma"] * friendly_m[n] for n in g}
+                    friendly_m = {n: knobs["lmbda"] * friendly_m[n] + (1 - knobs["lmbda"]) * g[n] for n in g}
+                final = _grads(net, _shift(params, _sam_eps(d, rho)), x, y)
+            elif variant == "samon":
+                final = _grads(net, _shift(params, _sam_eps(g, rho, knobs["selected"])), x, y)
             else:
                 g_s = _grads(net, _shift(params, _sam_eps(g, rho)), x, y)
                 final = g_s

@@ -29,6 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 import ddp_support as S
 from lightning_sam import SAM
+from lightning_sam.variants import ESAM, LookSAM, RandomSAM
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
@@ -172,6 +173,24 @@ def test_ddp_mixin_matches_per_shard_reference_one_allreduce_per_step(tmp_path, 
     _assert_matches(_step_params(results, accumulate=accumulate), reference)
     assert [r["hook_calls"] for r in results] == [steps, steps]
     assert [r["global_step"] for r in results] == [steps, steps]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [LookSAM(k=2), RandomSAM(p=0.5, seed=1), ESAM(beta=0.5, gamma=1.0)],
+    ids=["looksam", "random", "esam-swp"],
+)
+def test_ddp_variants_keep_ranks_identical_with_one_allreduce_per_step(tmp_path, master_port, variant):
+    """Each rank combines its own gradients (LookSAM's stored direction, ESAM's ε) before the one all-reduce, and
+    draws the same random decisions: the ranks stay bitwise identical."""
+    batch, steps = 4, 3
+    _fit(_trainer(tmp_path, sam=SAM(rho=RHO, variant=variant)), S.LinReg(batch, lr=LR, sam=True))
+    results = S.load_ranks(tmp_path)
+    _assert_ranks_identical(results)
+    assert [r["hook_calls"] for r in results] == [steps, steps]
+    assert [r["global_step"] for r in results] == [steps, steps]
+    moved = S.max_diff(S.as_pair(results[0]["final"]), tuple(t.double() for t in S.initial_params()))
+    assert moved > 1e-3
 
 
 def test_ddp_m_sharpness_chunks_per_rank(tmp_path, master_port):

@@ -166,8 +166,6 @@ def test_resume_is_exact(tmp_path, name, face):
         def make(params):
             return SAMOptimizer(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM, variant=variant)
 
-        if variant.needs_example_losses:
-            pytest.skip("SAMOptimizer's step(closure) with ESAM's selection takes `closure(indices)`, not Lightning's")
         return ExampleLosses(optimizer_factory=make), [SAM()]
 
     def fit(steps, ckpt=None, save=False):

@@ -13,13 +13,41 @@ of w):
 | ``RandomSAM(p)`` | 1 + p | 0 |
 | ``MSAM()`` | 1 | 0 |
 | ``ESAM(beta, gamma)`` | < 2 (see its docstring) | 0 |
+| ``GSAM(alpha, rho_max, rho_min)`` | 2 | 1 (g, during the step) |
+| ``FriendlySAM(sigma, lmbda)`` | 2 | 1 (the EMA m) |
+| ``SAMON(selection)`` | < 2 (first backward: selected weights only) | 0 |
+
+Any variant that takes ``rho_schedule`` accepts a ``RhoSchedule`` (``ConstantRho``, ``LinearRho``, ``CosineRho``,
+``LRTiedRho``).
 """
 
 from lightning_sam.variants.aesam import AESAM
 from lightning_sam.variants.base import ASAM, SAM, Variant
 from lightning_sam.variants.esam import ESAM
+from lightning_sam.variants.friendly import FriendlySAM
+from lightning_sam.variants.gsam import GSAM
 from lightning_sam.variants.looksam import LookSAM
 from lightning_sam.variants.msam import MSAM
 from lightning_sam.variants.random_sam import RandomSAM
+from lightning_sam.variants.schedules import ConstantRho, CosineRho, LinearRho, LRTiedRho, RhoSchedule
+from lightning_sam.variants.selection import SAMON, ParamSelection
 
-__all__ = ["AESAM", "ASAM", "ESAM", "LookSAM", "MSAM", "RandomSAM", "SAM", "Variant"]
+__all__ = [
+    "AESAM",
+    "ASAM",
+    "ConstantRho",
+    "CosineRho",
+    "ESAM",
+    "FriendlySAM",
+    "GSAM",
+    "LRTiedRho",
+    "LinearRho",
+    "LookSAM",
+    "MSAM",
+    "ParamSelection",
+    "RandomSAM",
+    "RhoSchedule",
+    "SAM",
+    "SAMON",
+    "Variant",
+]

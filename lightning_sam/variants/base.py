@@ -51,8 +51,20 @@ class Variant:
     supports_chunks = True
     """False where ``m`` (several ε per batch) has no meaning for the variant."""
 
+    rho_schedule: Optional[Any] = None
+    """A ``RhoSchedule``: ρ_t per step (or per learning rate); ``None``: the run's ρ throughout."""
+
     def bind(self, optimizer: Optimizer) -> None:
         """Check the base optimizer (and remember what the variant needs of it)."""
+
+    def bind_model(self, model: Any) -> None:
+        """The module being trained, for variants that select parameters by module or name (SAM-ON)."""
+
+    def rho_factor(self, step: int, lr: float, rho: float) -> float:
+        """ρ_t / ρ for step ``step``: the factor every param group's ρ is scaled by."""
+        if self.rho_schedule is None:
+            return 1.0
+        return self.rho_schedule(step, lr) / rho
 
     # ---------------------------------------------------------------- when
     def plan(self, step: int) -> Optional[bool]:
@@ -98,6 +110,19 @@ class Variant:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def full_state_dict(self) -> dict[str, Any]:
+        """The variant's state and its ρ schedule's: what a checkpoint keeps."""
+        schedule = {} if self.rho_schedule is None else self.rho_schedule.state_dict()
+        return {"variant": self.state_dict(), "rho_schedule": schedule}
+
+    def load_full_state_dict(self, state: dict[str, Any]) -> None:
+        if "variant" not in state:  # the variant's own state alone
+            self.load_state_dict(state)
+            return
+        self.load_state_dict(state["variant"])
+        if self.rho_schedule is not None:
+            self.rho_schedule.load_state_dict(state.get("rho_schedule", {}))
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._arguments().items())
         return f"{type(self).__name__}({args})"
@@ -107,7 +132,17 @@ class Variant:
 
 
 class SAM(Variant):
-    """Plain SAM (Foret et al., 2020): ε = ρ·g/‖g‖; ASAM where the settings or a param group say ``adaptive``."""
+    """Plain SAM (Foret et al., 2020): ε = ρ·g/‖g‖; ASAM where the settings or a param group say ``adaptive``.
+
+    Args:
+        rho_schedule: An optional ρ schedule (``lightning_sam.variants.LinearRho``, ``CosineRho``, ``LRTiedRho``).
+    """
+
+    def __init__(self, rho_schedule: Optional[Any] = None) -> None:
+        self.rho_schedule = rho_schedule
+
+    def _arguments(self) -> dict[str, Any]:
+        return {} if self.rho_schedule is None else {"rho_schedule": self.rho_schedule}
 
 
 class ASAM(Variant):
@@ -119,10 +154,11 @@ class ASAM(Variant):
         eta: The offset in T = |w| + eta; ``None`` keeps the run's (and each param group's own ``"eta"``).
     """
 
-    def __init__(self, eta: Optional[float] = None) -> None:
+    def __init__(self, eta: Optional[float] = None, rho_schedule: Optional[Any] = None) -> None:
         if eta is not None:
             check_non_negative("eta", eta)
         self.eta = None if eta is None else float(eta)
+        self.rho_schedule = rho_schedule
 
     def perturb(self, groups: Sequence[PerturbGroup], epsilon: float, guard_nonfinite: bool) -> Optional[Perturbation]:
         groups = [

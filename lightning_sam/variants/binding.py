@@ -34,7 +34,7 @@ def bind_variant(variant: Variant, optimizer: Any, config: SAMConfig, world_size
 
 
 def is_default(variant: Variant) -> bool:
-    return type(variant) is SAM
+    return type(variant) is SAM and variant.rho_schedule is None
 
 
 def load_variant_state(variant: Variant, saved: Optional[dict[str, Any]]) -> None:
@@ -49,4 +49,8 @@ def load_variant_state(variant: Variant, saved: Optional[dict[str, Any]]) -> Non
             " from a fresh state."
         )
         return
-    variant.load_state_dict(saved.get("state", {}))
+    variant.load_full_state_dict(saved.get("state", {}))
+
+
+def variant_state(variant: Variant) -> dict[str, Any]:
+    return {"name": type(variant).__name__, "state": variant.full_state_dict()}
