@@ -29,6 +29,18 @@ import time
 from typing import Any
 
 MODES = ("sgd", "callback", "mixin", "torch-sgd", "sam-optimizer", "peer-sam")
+# The variants, each through the SAM callback, with the cost the engine should show (forward-backward passes per step,
+# SGD = 1) and the extra parameter-sized buffers beyond SAM's copy of w.
+VARIANTS = {
+    "looksam": ("LookSAM(k=5)", "1 + 1/k = 1.2", "1 (g_v), +1 on SAM steps"),
+    "aesam": ("AESAM(c=0.0)", "1 + share of SAM steps", "0"),
+    "random": ("RandomSAM(p=0.5)", "1 + p = 1.5", "0"),
+    "msam": ("MSAM()", "1", "0"),
+    "esam": ("ESAM(beta=0.6, gamma=0.5)", "≈ 1.5 to 1.8 (SDS adds a no-grad forward)", "0"),
+    "gsam": ("GSAM(alpha=0.1)", "2", "1 (g)"),
+    "fsam": ("FriendlySAM()", "2", "1 (m)"),
+    "samon": ("SAMON()", "< 2 (first backward: norm layers' weights only)", "0"),
+}
 # "peer-sam": the SAM of PyPI's pytorch-optimizer (`pip install pytorch-optimizer`), in the same plain loop as
 # "sam-optimizer"; skipped when it is not installed.
 MODELS = {
@@ -129,7 +141,8 @@ def run_one(
 
             def training_step(self, batch, batch_idx):
                 x, y = batch
-                return F.cross_entropy(self.net(x), y)
+                losses = F.cross_entropy(self.net(x), y, reduction="none")
+                return {"loss": losses.mean(), "losses": losses}  # ESAM's data selection reads "losses"
 
             def configure_optimizers(self):
                 return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
@@ -152,7 +165,12 @@ def run_one(
                     times.append(time.perf_counter() - self.start)
 
         callbacks: list[pl.Callback] = [Timer()]
-        if mode == "callback":
+        if mode in VARIANTS:
+            from lightning_sam import variants  # noqa: F401  (used by eval)
+
+            variant = eval(f"variants.{VARIANTS[mode][0]}")
+            model, callbacks = Classifier(), callbacks + [SAM(rho=0.05, variant=variant)]
+        elif mode == "callback":
             model, callbacks = Classifier(), callbacks + [SAM(rho=0.05)]
         elif mode == "mixin":
             model = SAMClassifier(rho=0.05)
@@ -171,7 +189,8 @@ def run_one(
         )
         trainer.fit(model, loader)
 
-    median = statistics.median(times)
+    # A variant mixes SAM and plain steps: its cost is the mean step; the other modes report the median.
+    median = statistics.mean(times) if mode in VARIANTS else statistics.median(times)
     sam_math = math_time[0] / steps
     peak = (
         torch.cuda.max_memory_allocated()
@@ -201,6 +220,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="override the per-model default batch size")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument(
+        "--modes", nargs="+", default=list(MODES), choices=[*MODES, *VARIANTS], help="entry points and variants"
+    )
     parser.add_argument("--_one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -216,7 +238,7 @@ def main() -> None:
     rows = []
     for device in devices:
         for model_name in args.models:
-            for mode in MODES:
+            for mode in args.modes:
                 if mode == "peer-sam" and importlib.util.find_spec("pytorch_optimizer") is None:
                     print("  skipping peer-sam: pip install pytorch-optimizer to compare", file=sys.stderr)
                     continue
@@ -240,6 +262,10 @@ def main() -> None:
                 rows.append(json.loads(out))
                 print(f"  done {device} {model_name} {mode}: {rows[-1]['median_step_s'] * 1e3:.1f} ms", file=sys.stderr)
     print(_table(rows))
+    if any(r["mode"] in VARIANTS for r in rows):
+        print("\n| variant | expected passes per step | extra buffers (parameter-sized) |\n|---|---|---|")
+        for ctor, passes, memory in VARIANTS.values():
+            print(f"| {ctor} | {passes} | {memory} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
@@ -256,10 +282,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
         plain_loop = r["mode"] in ("sam-optimizer", "peer-sam")
         ref = base.get((r["device"], r["model"], "torch-sgd" if plain_loop else "sgd"))
         ratio = r["median_step_s"] / ref["median_step_s"] if ref and r["mode"] not in ("sgd", "torch-sgd") else None
-        ours = r["mode"] in ("callback", "mixin", "sam-optimizer")
+        ours = r["mode"] in ("callback", "mixin", "sam-optimizer", *VARIANTS)
         share = 100 * r["sam_math_s"] / r["median_step_s"] if ours else None
+        name = f"{r['mode']}: {VARIANTS[r['mode']][0]}" if r["mode"] in VARIANTS else r["mode"]
         lines.append(
-            f"| {r['device']} | {r['model']} | {r['batch']} | {r['mode']} | {r['median_step_s'] * 1e3:.1f} | "
+            f"| {r['device']} | {r['model']} | {r['batch']} | {name} | {r['median_step_s'] * 1e3:.1f} | "
             f"{'' if ratio is None else f'{ratio:.2f}x'} | {'' if share is None else f'{share:.2f}'} | "
             f"{r['peak_memory_mb']:.0f} |"
         )

@@ -38,9 +38,15 @@ def loss_scaler(trainer: pl.Trainer) -> Optional[torch.amp.GradScaler]:
     return getattr(trainer.precision_plugin, "scaler", None)
 
 
-def scale_tensor(scaler: torch.amp.GradScaler) -> Optional[torch.Tensor]:
-    """The current loss scale as a device tensor: ``get_scale()`` would sync with the host."""
-    return getattr(scaler, "_scale", None)
+def scale_tensor(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
+    """The current loss scale as a device tensor (``get_scale()`` would sync with the host).
+
+    The scaler creates its scale lazily, at its first ``scale()``: at the first step, SAM's local gradients come
+    before Lightning's backward, so ask for it the public way first.
+    """
+    if getattr(scaler, "_scale", None) is None:
+        scaler.scale(torch.ones((), device=device))
+    return scaler._scale
 
 
 def carry_manual_step_count(trainer: pl.Trainer) -> None:

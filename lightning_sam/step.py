@@ -36,7 +36,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_sam import _lightning
-from lightning_sam.batchnorm import frozen_running_stats
+from lightning_sam.batchnorm import frozen_running_stats, layer_state_buffers
 from lightning_sam.chunks import batch_size, split_batch
 from lightning_sam.config import SAMConfig
 from lightning_sam.patching import Patcher
@@ -129,8 +129,8 @@ class SAMPasses:
     # ------------------------------------------------------------------ MSAM: ε before the only forward
     def _climb_first(self, trainer, module, step, args, kwargs) -> Any:
         scaler = _lightning.loss_scaler(trainer)
-        scale = _lightning.scale_tensor(scaler) if scaler is not None else None
         trainable = trainable_params(module, self.optimizer)
+        scale = _lightning.scale_tensor(scaler, _device(trainable)) if scaler is not None else None
         groups = _scheduled_groups(self.variant, self.optimizer, self.config, trainer.global_step)
         perturbation = self.variant.climb(groups, self.optimizer, self.config.epsilon)
         torch.clear_autocast_cache()
@@ -156,17 +156,16 @@ class SAMPasses:
         trainable = trainable_params(module, self.optimizer)
         groups = _scheduled_groups(variant, self.optimizer, self.config, trainer.global_step)
         scaler = _lightning.loss_scaler(trainer)
-        scale = _lightning.scale_tensor(scaler) if scaler is not None else None
+        scale = _lightning.scale_tensor(scaler, _device(trainable)) if scaler is not None else None
         metrics = [m for m in module.modules() if isinstance(m, Metric)]
-        rng = _RNGReplay() if self.config.same_randomness else None
+        state = _FirstPassState(module, buffers=self.config.bn_policy == "first", rng=self.config.same_randomness)
 
         final: Optional[list[Optional[Tensor]]] = None
         outputs, losses, perturbed_losses, norms = [], [], [], []
         recorder = _LogRecorder(module) if total is not None else None
         for index, (chunk, size) in enumerate(chunks):
             share = 1.0 if total is None else size / total
-            if rng is not None:
-                rng.save_start()
+            state.save_start()
             versions = _versions(chunk)
             with recorder.recording(share) if recorder is not None else _nothing():
                 output = step(chunk, *rest, **kwargs)
@@ -203,11 +202,8 @@ class SAMPasses:
             del grad_of  # now ε: spent
             torch.clear_autocast_cache()  # autocast caches casts by tensor identity, blind to in-place changes
             try:
-                with (
-                    _second_pass(module, metrics, self.config.bn_policy == "first"),
-                    rng.replayed() if rng is not None else _nothing(),
-                ):
-                    perturbed_output, perturbed_loss = self._second_forward(step, chunk, rest, kwargs, examples)
+                with _second_pass(module, metrics, self.config.bn_policy == "first"), state.replayed():
+                    perturbed_output, perturbed_loss = self._second_forward(step, chunk, rest, kwargs, examples, state)
                 factor: Any = weight
                 if scaler is not None and perturbation is not None:
                     # An fp16 overflow in the first pass: ε was 0; a NaN gradient makes the scaler skip this step.
@@ -231,11 +227,12 @@ class SAMPasses:
             self._log(module, value, torch.stack(perturbed_losses).sum(), norms, scale)
         return _with_loss(outputs, loss, total), bool(self._sam)
 
-    def _second_forward(self, step, chunk, rest, kwargs, examples: Optional[Tensor]) -> tuple[Any, Tensor]:
+    def _second_forward(self, step, chunk, rest, kwargs, examples: Optional[Tensor], state) -> tuple[Any, Tensor]:
         """The second forward at w + ε: on the whole chunk, or on the examples the variant selects (ESAM's SDS)."""
         if examples is not None:
-            with torch.no_grad(), _RNGReplay.again() if self.config.same_randomness else _nothing():
+            with torch.no_grad():
                 perturbed = _example_losses(step(chunk, *rest, **kwargs), self.variant)
+            state.rewind()
             selected = self.variant.select_examples(examples, perturbed)
             if selected is not None:
                 chunk = take_examples(chunk, selected, len(examples))
@@ -267,6 +264,10 @@ def _scheduled_groups(
     if factor == 1.0:
         return groups
     return [PerturbGroup(g.params, g.rho * factor, g.adaptive, g.eta, grads=g.grads) for g in groups]
+
+
+def _device(params: list[Tensor]) -> torch.device:
+    return params[0].device if params else torch.device("cpu")
 
 
 def _versions(batch: Any) -> list[tuple[Tensor, int]]:
@@ -303,12 +304,27 @@ def _local_grads(loss: Tensor, trainable: list[Tensor], wrt: list[Tensor]) -> li
     if not wrt:
         return [None] * len(trainable)
     before = [(p.grad, None if p.grad is None else p.grad._version) for p in wrt]
-    computed = torch.autograd.grad(loss, wrt, allow_unused=True)
-    if any(p.grad is not g or (g is not None and g._version != v) for p, (g, v) in zip(wrt, before)):
+    if not loss.requires_grad:
         raise MisconfigurationException(
-            "A backward inside the model wrote `.grad` while SAM took its gradient with `torch.autograd.grad`: this is"
-            " what a reentrant `torch.utils.checkpoint(..., use_reentrant=True)` does, and the gradient would be lost."
-            " Use `torch.utils.checkpoint(..., use_reentrant=False)`."
+            "The loss `training_step` returned has no graph back to the parameters, so SAM cannot take its gradient."
+            " A reentrant `torch.utils.checkpoint(..., use_reentrant=True)` does this when its inputs do not require"
+            " grad: use `use_reentrant=False`."
+        )
+    try:
+        computed = torch.autograd.grad(loss, wrt, allow_unused=True)
+    except RuntimeError as error:
+        raise MisconfigurationException(
+            f"SAM takes each pass's gradient with `torch.autograd.grad`, which failed: {error} A reentrant"
+            " `torch.utils.checkpoint(..., use_reentrant=True)` in the model does not support it: use"
+            " `use_reentrant=False`."
+        ) from error
+    lost = len(wrt) == len(trainable) and all(g is None for g in computed)
+    if lost or any(p.grad is not g or (g is not None and g._version != v) for p, (g, v) in zip(wrt, before)):
+        raise MisconfigurationException(
+            "SAM took the gradient with `torch.autograd.grad` and got"
+            + (" none for any trainable parameter" if lost else " a backward inside the model writing `.grad`")
+            + ": a reentrant `torch.utils.checkpoint(..., use_reentrant=True)` in the model does this, and the"
+            " gradient would be lost. Use `torch.utils.checkpoint(..., use_reentrant=False)`."
         )
     seen: set[int] = set()
     owned = []
@@ -450,37 +466,45 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-class _RNGReplay:
-    """The second pass draws what the first pass drew (dropout masks, stochastic depth, augmentation inside
-    ``training_step``), on the CPU and on every CUDA device; afterwards the RNG is where the first pass left it, as if
-    one pass had run."""
+class _FirstPassState:
+    """The state the second pass starts from, and the state it leaves behind.
 
-    _current: Optional[_RNGReplay] = None
+    The second pass starts from the state the first pass started from (the buffers of layers other than BatchNorm,
+    such as spectral norm's power-iteration vectors, under ``bn_policy="first"``; the RNG, on the CPU and every CUDA
+    device, with ``same_randomness``), so that it computes what a single pass at w + ε would; afterwards the state is
+    where the first pass left it, as if one pass had run.
+    """
+
+    def __init__(self, module: pl.LightningModule, buffers: bool, rng: bool) -> None:
+        self.buffers = layer_state_buffers(module) if buffers else []
+        self.rng = rng
 
     def save_start(self) -> None:
-        self.start = get_rng_state()
+        self.start = self._get()
+
+    def _get(self) -> tuple[list[Tensor], Any]:
+        return [b.clone() for b in self.buffers], get_rng_state() if self.rng else None
+
+    def _set(self, state: tuple[list[Tensor], Any]) -> None:
+        buffers, rng = state
+        if buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, buffers)
+        if rng is not None:
+            set_rng_state(rng)
 
     @contextmanager
     def replayed(self) -> Iterator[None]:
-        after_first = get_rng_state()
-        _RNGReplay._current = self
-        set_rng_state(self.start)
+        after_first = self._get()
+        self._set(self.start)
         try:
             yield
         finally:
-            _RNGReplay._current = None
-            set_rng_state(after_first)
+            self._set(after_first)
 
-    @staticmethod
-    @contextmanager
-    def again() -> Iterator[None]:
-        """Inside ``replayed``: one more pass from the same start (ESAM's selection pass before the second pass)."""
-        current = _RNGReplay._current
-        try:
-            yield
-        finally:
-            if current is not None:
-                set_rng_state(current.start)
+    def rewind(self) -> None:
+        """Back to the start: one more pass from the same state (ESAM's selection pass before the second pass)."""
+        self._set(self.start)
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
@@ -542,14 +566,30 @@ class _LogRecorder:
                 isinstance(v, Tensor) or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v, _, _ in calls
             ]
             if all(numeric) and not isinstance(value, Metric):
-                value = sum(torch.as_tensor(v).detach().double() * share for v, share, _ in calls)
-                value = value.to(
-                    torch.as_tensor(calls[-1][0]).dtype if isinstance(calls[-1][0], Tensor) else torch.float32
-                )
+                dtype = value.dtype if isinstance(value, Tensor) else torch.float32
+                values = torch.stack([torch.as_tensor(v).detach().double().reshape(()) for v, _, _ in calls])
+                shares = torch.tensor([share for _, share, _ in calls], dtype=torch.float64, device=values.device)
+                value = _reduce(name, values, shares, kwargs.get("reduce_fx", "mean")).to(dtype)
                 if "batch_size" in kwargs:
                     kwargs = {**kwargs, "batch_size": sum(int(c[2].get("batch_size", 0)) for c in calls)}
             self.module.log(name, value, **kwargs)
         self.calls = {}
+
+
+def _reduce(name: str, values: Tensor, shares: Tensor, reduce_fx: Any) -> Tensor:
+    """The batch's value from the chunks' values, by the reduction ``self.log`` was given."""
+    if reduce_fx in ("mean", torch.mean):
+        return (values * shares).sum()  # chunk means weighted by chunk size: the batch mean
+    if reduce_fx in ("sum", torch.sum):
+        return values.sum()
+    if reduce_fx in ("max", torch.max):
+        return values.max()
+    if reduce_fx in ("min", torch.min):
+        return values.min()
+    raise MisconfigurationException(
+        f"`self.log({name!r}, ..., reduce_fx={reduce_fx!r})` with `m`: the value of each m-chunk is logged once per"
+        " batch, combined by the reduction, and only 'mean', 'sum', 'max' and 'min' say how. Use one of those."
+    )
 
 
 def _metric_state(metric: Metric) -> dict[str, Any]:

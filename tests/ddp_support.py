@@ -330,3 +330,15 @@ def max_diff(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.
 
 class SAMLinReg(SAMModule, LinReg):
     """The same module behind the SAMModule mixin (manual optimization)."""
+
+
+class LinRegUnused(LinReg):
+    """LinReg with a parameter that the loss never uses (DDP's find_unused_parameters case)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unused = torch.nn.Linear(D, 1)
+
+
+class SAMLinRegUnused(SAMModule, LinRegUnused):
+    pass

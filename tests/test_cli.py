@@ -119,6 +119,22 @@ def test_sam_optimizer_config_gets_the_sam_step(tmp_path):
     assert cli.trainer.optimizers[0].param_groups[0]["rho"] == 0.05
 
 
+@needs_data
+@pytest.mark.parametrize(
+    "config, cls", [("fashion_mnist_looksam.yaml", "LookSAM"), ("fashion_mnist_gsam.yaml", "GSAM")]
+)
+def test_variant_from_yaml_trains(tmp_path, config, cls):
+    cli = _cli(_fit_args(config, tmp_path))
+    (sam,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, SAM)]
+    assert type(sam.variant).__name__ == cls
+    if cls == "LookSAM":
+        assert (sam.variant.k, sam.variant.alpha) == (5, 0.7)
+        assert (sam.counters.sam_steps, sam.counters.plain_steps) == (2, 4)  # steps 0 and 5 of 6
+    else:
+        assert sam.config.same_randomness and sam.variant.alpha == 0.1
+        assert sam.counters.sam_steps == 6
+
+
 def _bad(tmp_path: Path, capsys, *extra: str) -> str:
     """Run fit with a bad setting; return everything it said. It must stop before any training step."""
     with pytest.raises((SystemExit, Exception)) as info:

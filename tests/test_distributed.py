@@ -193,6 +193,27 @@ def test_ddp_variants_keep_ranks_identical_with_one_allreduce_per_step(tmp_path,
     assert moved > 1e-3
 
 
+@pytest.mark.parametrize("face", ["callback", "mixin"])
+def test_ddp_find_unused_parameters_leaves_an_unused_parameter_alone(tmp_path, master_port, face):
+    """Only the parameters that have a gradient enter the loss handed to the backward: an unused one stays unused
+    for DDP (no "marked ready twice"), keeps no gradient, and does not move; the ranks agree."""
+    batch, steps = 4, 3
+    strategy = DDPStrategy(start_method="fork", timeout=S.TIMEOUT, find_unused_parameters=True)
+    if face == "callback":
+        module, sam = S.LinRegUnused(batch, lr=LR, sam=True), SAM(rho=RHO)
+    else:
+        module, sam = S.SAMLinRegUnused(batch, lr=LR, sam=True, rho=RHO), None
+    before = {k: v.detach().clone() for k, v in module.unused.named_parameters()}
+    _fit(_trainer(tmp_path, strategy=strategy, sam=sam), module)
+    results = S.load_ranks(tmp_path)
+    _assert_ranks_identical(results)
+    for name, value in before.items():
+        assert torch.equal(results[0]["final"][f"unused.{name}"], value)
+    reference = S.reference_ddp_sam(steps, batch, RHO, LR)
+    final = (results[0]["final"]["net.weight"].double(), results[0]["final"]["net.bias"].double())
+    assert S.max_diff(final, reference[-1]) < ATOL
+
+
 def test_ddp_m_sharpness_chunks_per_rank(tmp_path, master_port):
     """Per-device batch 4, m=2: each rank's batch is cut into 2 chunks, each with its own ε; chunk gradients are
     weighted by chunk size, then averaged over ranks; still one all-reduce per step (only the last chunk syncs)."""
