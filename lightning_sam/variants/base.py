@@ -170,6 +170,22 @@ class ASAM(Variant):
         return {"eta": self.eta}
 
 
+class SeededDraws:
+    """A variant's own random draws: a CPU generator (never the global RNG, never a device sync), seeded the same on
+    every rank, whose state is the variant's checkpointed state."""
+
+    def _seed(self, seed: int) -> None:
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+
 def present(tensors: Sequence[Optional[Tensor]]) -> list[Tensor]:
     return [t for t in tensors if t is not None]
 

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from lightning_sam.perturbation import Perturbation, PerturbGroup, perturb_
-from lightning_sam.variants.base import Variant, check_fraction
+from lightning_sam.variants.base import SeededDraws, Variant, check_fraction
 
 
-class ESAM(Variant):
+class ESAM(SeededDraws, Variant):
     """Stochastic weight perturbation (SWP) and sharpness-sensitive data selection (SDS).
 
     SWP: each step, every parameter tensor is kept with probability ``beta`` (as in the authors' code: whole
@@ -37,8 +37,8 @@ class ESAM(Variant):
     def __init__(self, beta: float = 0.6, gamma: float = 0.5, seed: int = 0) -> None:
         check_fraction("beta", beta)
         check_fraction("gamma", gamma)
-        self.beta, self.gamma, self.seed = float(beta), float(gamma), seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.beta, self.gamma = float(beta), float(gamma)
+        self._seed(seed)
         self.needs_example_losses = self.gamma < 1
 
     def first_pass_params(self, params: Sequence[Tensor]) -> list[Tensor]:
@@ -56,13 +56,6 @@ class ESAM(Variant):
             return None
         count = max(1, int(len(losses_at_w) * self.gamma))
         return torch.topk((losses_perturbed - losses_at_w).detach(), count).indices
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
 
     def _arguments(self) -> dict[str, Any]:
         return {"beta": self.beta, "gamma": self.gamma, "seed": self.seed}

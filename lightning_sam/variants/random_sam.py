@@ -8,10 +8,10 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from lightning_sam.variants.base import Variant, check_fraction, check_positive_int
+from lightning_sam.variants.base import SeededDraws, Variant, check_fraction, check_positive_int
 
 
-class RandomSAM(Variant):
+class RandomSAM(SeededDraws, Variant):
     """SAM with probability p_t on each optimizer step, a plain step otherwise.
 
     p_t is ``p`` (RST), or follows a schedule from ``p`` to ``p_end`` over ``total_steps`` (G-RST's scheduled
@@ -43,8 +43,8 @@ class RandomSAM(Variant):
             check_positive_int("total_steps", total_steps)
         if schedule not in ("linear", "cosine"):
             raise ValueError(f'`schedule` must be "linear" or "cosine", got {schedule!r}.')
-        self.p, self.p_end, self.total_steps, self.schedule, self.seed = p, p_end, total_steps, schedule, seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.p, self.p_end, self.total_steps, self.schedule = p, p_end, total_steps, schedule
+        self._seed(seed)
 
     def probability(self, step: int) -> float:
         if self.p_end is None:
@@ -57,13 +57,6 @@ class RandomSAM(Variant):
     def plan(self, step: int) -> Optional[bool]:
         draw = torch.rand((), generator=self.generator).item()  # a CPU generator: no device sync
         return draw < self.probability(step)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
 
     def _arguments(self) -> dict[str, Any]:
         return {"p": self.p, "p_end": self.p_end, "total_steps": self.total_steps, "schedule": self.schedule}

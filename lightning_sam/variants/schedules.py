@@ -48,32 +48,39 @@ class ConstantRho(RhoSchedule):
         return self.rho * _warmup(step, self.warmup_steps)
 
 
-class LinearRho(RhoSchedule):
+class _Between(RhoSchedule):
+    """ρ_t from ``start`` to ``end`` over ``total_steps`` (then ``end``) along ``_shape``, after an optional linear
+    warm-up from 0 over ``warmup_steps``."""
+
+    def __init__(self, start: float, end: float, total_steps: int, warmup_steps: int = 0) -> None:
+        _check_pair("start", start, "end", end)
+        _check_steps(total_steps)
+        _check_warmup(warmup_steps)
+        self.start, self.end, self.total_steps, self.warmup_steps = float(start), float(end), total_steps, warmup_steps
+
+    def __call__(self, step: int, lr: float) -> float:
+        progress = self._shape(min(step, self.total_steps) / self.total_steps)
+        return (self.start + (self.end - self.start) * progress) * _warmup(step, self.warmup_steps)
+
+    @staticmethod
+    def _shape(t: float) -> float:
+        raise NotImplementedError
+
+
+class LinearRho(_Between):
     """ρ_t from ``start`` to ``end`` linearly over ``total_steps`` (then ``end``), after an optional warm-up from 0."""
 
-    def __init__(self, start: float, end: float, total_steps: int, warmup_steps: int = 0) -> None:
-        _check_pair("start", start, "end", end)
-        _check_steps(total_steps)
-        _check_warmup(warmup_steps)
-        self.start, self.end, self.total_steps, self.warmup_steps = float(start), float(end), total_steps, warmup_steps
-
-    def __call__(self, step: int, lr: float) -> float:
-        t = min(step, self.total_steps) / self.total_steps
-        return (self.start + (self.end - self.start) * t) * _warmup(step, self.warmup_steps)
+    @staticmethod
+    def _shape(t: float) -> float:
+        return t
 
 
-class CosineRho(RhoSchedule):
+class CosineRho(_Between):
     """ρ_t from ``start`` to ``end`` along a half cosine over ``total_steps``, after an optional warm-up from 0."""
 
-    def __init__(self, start: float, end: float, total_steps: int, warmup_steps: int = 0) -> None:
-        _check_pair("start", start, "end", end)
-        _check_steps(total_steps)
-        _check_warmup(warmup_steps)
-        self.start, self.end, self.total_steps, self.warmup_steps = float(start), float(end), total_steps, warmup_steps
-
-    def __call__(self, step: int, lr: float) -> float:
-        t = min(step, self.total_steps) / self.total_steps
-        return (self.end + (self.start - self.end) * (1 + math.cos(math.pi * t)) / 2) * _warmup(step, self.warmup_steps)
+    @staticmethod
+    def _shape(t: float) -> float:
+        return (1 - math.cos(math.pi * t)) / 2
 
 
 class LRTiedRho(RhoSchedule):
