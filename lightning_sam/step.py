@@ -186,10 +186,10 @@ class SAMPasses:
                 self._sam = sam = variant.decide(trainer.global_step, _sq_norm_unscaled(grads, weight))
             outputs.append((output, size))
             losses.append(loss.detach() * share)
+            _unscale(grads, scale)  # the variants see true gradients (ε itself does not depend on the scale)
             if not sam:
-                _unscale(grads, scale)
                 final = _add(final, variant.plain(grads) or grads)
-                continue  # the variants see true gradients (ε itself does not depend on the scale)
+                continue
             kept = [None if g is None else g.clone() for g in grads] if variant.keeps_first_gradient else None
             examples = _example_losses(output, variant)
             grad_of = {id(p): g for p, g in zip(trainable, grads)}
@@ -224,7 +224,7 @@ class SAMPasses:
         value = losses[0] if total is None else torch.stack(losses).sum()
         loss = sam_loss(value, trainable, final)
         if self.config.log and perturbed_losses:
-            self._log(module, value, torch.stack(perturbed_losses).sum(), norms, scale)
+            self._log(module, value, torch.stack(perturbed_losses).sum(), norms)
         return _with_loss(outputs, loss, total), bool(self._sam)
 
     def _second_forward(self, step, chunk, rest, kwargs, examples: Optional[Tensor], state) -> tuple[Any, Tensor]:
@@ -246,13 +246,12 @@ class SAMPasses:
         return output, loss
 
     @staticmethod
-    def _log(module: pl.LightningModule, loss: Tensor, perturbed: Tensor, norms: list, scale: Any) -> None:
+    def _log(module: pl.LightningModule, loss: Tensor, perturbed: Tensor, norms: list) -> None:
         kwargs = dict(on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
         module.log("sam/perturbed_loss", perturbed, **kwargs)
         module.log("sam/sharpness", perturbed - loss, **kwargs)
-        if norms:
-            norm = torch.stack(norms).sum()
-            module.log("sam/grad_norm", norm if scale is None else norm / scale, **kwargs)
+        if norms:  # of unscaled gradients
+            module.log("sam/grad_norm", torch.stack(norms).sum(), **kwargs)
 
 
 def _scheduled_groups(

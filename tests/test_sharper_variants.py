@@ -296,3 +296,32 @@ def test_resume_is_exact(tmp_path, name, face):
     fit(4, save=True)
     resumed = fit(8, ckpt=str(tmp_path / "step=4.ckpt"))
     assert_params_equal(params_of(resumed), params_of(straight))
+
+
+@pytest.mark.parametrize("name", ["gsam", "fsam", "looksam"])
+def test_fp16_loss_scale_does_not_reach_the_variants(name):
+    """Under the fp16 scaler the variants combine unscaled gradients: the run matches the fp32 run (to fp16's
+    precision), whereas a scale of 2**10 left on g (or on GSAM's / LookSAM's stored vectors) would be far off."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from lightning_sam.variants import LookSAM
+
+    def variant():
+        return {"gsam": lambda: GSAM(alpha=0.3, rho_max=0.2), "fsam": lambda: FriendlySAM(lmbda=0.6)}.get(
+            name, lambda: LookSAM(k=2)
+        )()
+
+    weights = {}
+    for precision in ("32", "16"):
+        model = LN(optimizer_factory=BASES["sgd"])
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))]
+        make_trainer(
+            callbacks=[SAM(rho=RHO, variant=variant())], max_steps=STEPS, plugins=plugins if precision == "16" else None
+        ).fit(model, make_loader(N, BATCH))
+        weights[precision] = params_of(model)
+    moved = max(
+        (weights["32"][n] - ln_params[n]).abs().max().item()
+        for n, ln_params in [(n, params_of(LN())) for n in weights["32"]]
+    )
+    assert moved > 1e-2
+    assert_params_equal(weights["16"], weights["32"], exact=False, atol=2e-3)
