@@ -180,9 +180,12 @@ def _matching(rows: list[dict], args: argparse.Namespace) -> list[dict]:
     return [r for r in rows if all(r[k] == base[k] for k in ("epochs", "train_subset", "width", "lr"))]
 
 
+TUNE_NOISE = 0.4  # settings are picked on this regime's validation split and used in both regimes (CPU budget)
+
+
 def best(rows: list[dict], method: str, noise: float, rho: Optional[float] = None) -> Optional[dict]:
-    """The seed-0 run of ``method`` with the lowest validation error (ties: the first)."""
-    cands = [r for r in rows if r["method"] == method and r["noise"] == noise and r["seed"] == 0]
+    """The seed-0 run of ``method`` on the tuning regime with the lowest validation error (ties: the first)."""
+    cands = [r for r in rows if r["method"] == method and r["noise"] == TUNE_NOISE and r["seed"] == 0]
     if rho is not None:
         cands = [r for r in cands if r["rho"] == rho]
     return min(cands, key=lambda r: r["val_error"]) if cands else None
@@ -193,6 +196,8 @@ def phase_runs(phase: str, rows: list[dict], args: argparse.Namespace) -> list[d
     wanted = ("sgd", "sam", *args.methods)
     runs = []
     for noise in args.regimes:
+        if phase != "final" and noise != TUNE_NOISE:
+            continue
         if phase == "tune-rho":
             runs.append(dict(base, method="sgd", noise=noise, seed=0, rho=0.0, knobs={}))
             for method, grid in RHO_GRID.items():
