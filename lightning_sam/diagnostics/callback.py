@@ -80,9 +80,12 @@ class FlatnessMonitor(Callback):
     keys, so a run with the monitor trains exactly as one without it. Each measurement is also appended to
     ``history`` (with the spectrum when ``spectrum_steps > 0``).
 
-    Distributed (DDP): the batches held aside are rank 0's, broadcast to every rank at ``setup``; since the weights
-    are the same on every rank, every rank computes the same values on the same data, and logs them without a
-    reduction. No collective runs during a measurement (the unwrapped module is evaluated).
+    Distributed (DDP): rank 0 measures and broadcasts. The batches held aside are rank 0's (the first batches of its
+    training dataloader as the module or datamodule returns it, before Lightning adds a ``DistributedSampler``),
+    broadcast to every rank at ``setup``; at each measurement rank 0 computes on its weights and its BatchNorm
+    statistics (under DDP these are rank 0's until the next forward broadcasts them) and broadcasts the record, so
+    every rank logs and keeps the same values and the other ranks spend no compute (they wait at the broadcast).
+    The evaluation uses the unwrapped module: no DDP collective runs inside a measurement.
 
     Args:
         loss_fn: ``loss_fn(module, batch) -> scalar``; default: cross-entropy of ``module(batch[0])`` against
@@ -244,9 +247,25 @@ class FlatnessMonitor(Callback):
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, log: bool = True, on_step: bool = False
     ) -> dict[str, Any]:
-        """Measure now on the held-aside batches; log (unless ``log=False``) and append to ``history``."""
+        """Measure now on the held-aside batches (rank 0 computes, broadcasts); log unless ``log=False``."""
         if self.batches is None:
             raise MisconfigurationException("FlatnessMonitor.measure before setup: no batches held aside yet.")
+        record = self._compute(trainer, pl_module) if trainer.global_rank == 0 else None
+        if trainer.world_size > 1:
+            record = trainer.strategy.broadcast(record, src=0)
+        assert record is not None
+        self.history.append(record)
+        if log:
+            metrics = {"flatness/top_eigenvalue": record["top_eigenvalue"]}
+            metrics.update({f"flatness/eigenvalue_{i}": v for i, v in enumerate(record["eigenvalues"]) if i > 0})
+            for key in ("trace", "sharpness"):
+                if key in record:
+                    metrics[f"flatness/{key}"] = record[key]
+            # The same value on every rank (rank 0's, broadcast): no reduction.
+            pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=False)
+        return record
+
+    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         start = time.perf_counter()
         batches = [to_device(b, pl_module.device) for b in self.batches]
         rho, m, adaptive = self.sharpness_settings(trainer)
@@ -280,13 +299,4 @@ class FlatnessMonitor(Callback):
                     pl_module, self.loss_fn, batches, num_steps=self.spectrum_steps, seed=self.seed, **common
                 )
         record["seconds"] = time.perf_counter() - start
-        self.history.append(record)
-        if log:
-            metrics = {"flatness/top_eigenvalue": record["top_eigenvalue"]}
-            metrics.update({f"flatness/eigenvalue_{i}": v for i, v in enumerate(record["eigenvalues"]) if i > 0})
-            for key in ("trace", "sharpness"):
-                if key in record:
-                    metrics[f"flatness/{key}"] = record[key]
-            # The same value on every rank (same weights, same batches): no reduction needed.
-            pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=False)
         return record
