@@ -77,6 +77,14 @@ class Landscape:
     directions: list[list[Tensor]]
 
 
+def _snapped(grid: Tensor, points: tuple[float, ...]) -> Tensor:
+    """``grid`` with values within rounding of ``points`` set to them exactly (so the origin is the weights)."""
+    tolerance = 1e-9 * float(grid[-1] - grid[0])
+    for point in points:
+        grid[(grid - point).abs() < tolerance] = point
+    return grid
+
+
 def _mean_loss(model: nn.Module, loss_fn: LossFn, batches: list[Any]) -> float:
     with torch.no_grad():
         return sum(float(scalar_loss(loss_fn, model, b)) for b in batches) / len(batches)
@@ -142,7 +150,7 @@ def loss_landscape(
                     "each direction must be a list of tensors shaped like the parameters with requires_grad."
                 )
     directions = [[t.to(dtype=p.dtype, device=p.device) for t, p in zip(d, params)] for d in directions]
-    alphas = torch.linspace(float(low), float(high), steps, dtype=torch.float64)
+    alphas = _snapped(torch.linspace(float(low), float(high), steps, dtype=torch.float64), (0.0,))
     betas = alphas.clone() if dims == 2 else None
     losses = torch.empty((steps, steps) if dims == 2 else (steps,), dtype=torch.float64)
     with preserved_state(model, eval_mode=eval_mode), torch.no_grad():
@@ -216,7 +224,7 @@ def linear_path(
     low, high = span
     if not float(low) < float(high):
         raise ValueError(f"`span` must be (low, high) with low < high, got {span!r}.")
-    ts = torch.linspace(float(low), float(high), steps, dtype=torch.float64)
+    ts = _snapped(torch.linspace(float(low), float(high), steps, dtype=torch.float64), (0.0, 1.0))
     losses = torch.empty(steps, dtype=torch.float64)
     with preserved_state(model_a, eval_mode=eval_mode), torch.no_grad():
         origin = [p.detach().clone() for p in params_a]
