@@ -343,13 +343,18 @@ def test_model_is_left_exactly_as_it_was(name, eval_mode):
 
 
 def test_state_is_restored_after_an_exception():
-    model = TinyCNN().double()
+    model = TinyCNN().double().eval()
+    model.conv.weight.grad = torch.randn_like(model.conv.weight)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
         with preserved_state(model, eval_mode=False):
+            assert model.training
             with torch.no_grad():
                 model.conv.weight.add_(1.0)
                 model.bn.running_mean.add_(1.0)
+            model.conv.weight.grad.add_(1.0)
+            model.conv.weight.grad = None  # a .grad dropped ...
+            model.fc.weight.grad = torch.ones_like(model.fc.weight)  # ... and one created
             torch.rand(3)
             raise RuntimeError("boom")
     assert_same(model, before)
