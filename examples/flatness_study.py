@@ -211,7 +211,8 @@ def stage_flatness(args: argparse.Namespace) -> None:
 
 
 def stage_msharpness(args: argparse.Namespace) -> None:
-    rho = picked_rho(args.results, args.rho_grid)
+    # --rho: a sensitivity run at another rho than the one picked on validation (reported apart).
+    rho = args.rho if args.rho is not None else picked_rho(args.results, args.rho_grid)
     settings = {**SETTINGS, "train_subset": M_TRAIN_SUBSET}
     runs = [
         dict(stage="msharpness", method="sam", seed=seed, rho=rho, m=m, epochs=M_EPOCHS, **settings)
@@ -389,7 +390,7 @@ def report(args: argparse.Namespace) -> None:
         fig.savefig(img / "flatness_eigenvalue.png", dpi=120)
         plt.close(fig)
 
-        fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6), sharey=True)
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6), sharex=True, sharey=True)
         for ax, m, name in ((axes[0], "sgd", "SGD"), (axes[1], "sam", f"SAM ρ={rho}")):
             spectra = {}
             for label in ("start", "mid", "end"):
@@ -507,6 +508,29 @@ def report(args: argparse.Namespace) -> None:
         fig.tight_layout()
         fig.savefig(img / "msharpness.png", dpi=120)
         plt.close(fig)
+    other = sorted({r["rho"] for r in _read(args.results / M_FILE)} - {rho})
+    for extra in other:
+        rows = [r for r in _read(args.results / M_FILE) if r["rho"] == extra]
+        ms = sorted({r["m"] for r in rows})
+        out += [
+            f"Sensitivity (not picked on validation): the same sweep at ρ = {extra}, m in {ms}.",
+            "",
+            "| m | test error (%) | validation error (%) | seeds |",
+            "|---|---|---|---|",
+        ]
+        for m in ms:
+            cell = [r for r in rows if r["m"] == m]
+            out.append(
+                f"| {m} | {_ms([r['test_error'] for r in cell], 100)} | {_ms([r['val_error'] for r in cell], 100)} |"
+                f" {len(cell)} |"
+            )
+        means = [statistics.mean(r["test_error"] for r in rows if r["m"] == m) for m in ms]
+        out += [
+            "",
+            f"Slope against log2(m) at ρ = {extra}: {_slope([math.log2(m) for m in ms], [100 * v for v in means]):+.3f}"
+            " points per doubling.",
+            "",
+        ]
     out += [MARK_END]
     section = "\n".join(out) + "\n"
     print(section)
@@ -534,6 +558,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rho-grid", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
     parser.add_argument("--m-grid", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128])
+    parser.add_argument("--rho", type=float, default=None, help="msharpness only: this rho instead of the picked one")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     args = parser.parse_args()

@@ -36,13 +36,14 @@ def plot_spectrum(
     ax: Any = None,
     sigma: Optional[float] = None,
     log: bool = True,
-    num_points: int = 1000,
+    num_points: int = 2000,
+    floor: float = 1e-8,
 ) -> Any:
     """The eigenvalue densities of several ``HessianSpectrum``s on one axes (e.g. "SGD, epoch 1", "SAM, end").
 
     All are smoothed on one common grid (over all nodes) with one ``sigma`` (default 1% of the range), so their
-    widths compare; a log density axis (``log``) shows the outliers, as in Ghorbani et al. (2019) and Foret et al.
-    (2020).
+    widths compare; a log density axis (``log``, cut at ``floor``) shows the outliers, whose quadrature weights are
+    of the order of 1/(number of parameters), as in Ghorbani et al. (2019) and Foret et al. (2020).
 
     Returns:
         The matplotlib axes.
@@ -57,10 +58,10 @@ def plot_spectrum(
     sigma = 0.01 * span if sigma is None else sigma
     for label, spectrum in spectra.items():
         _, density = spectrum.density(grid=grid, sigma=sigma)
-        ax.plot(grid.numpy(), density.clamp_min(1e-12).numpy() if log else density.numpy(), label=label)
+        ax.plot(grid.numpy(), density.clamp_min(floor / 10).numpy() if log else density.numpy(), label=label)
     if log:
         ax.set_yscale("log")
-        ax.set_ylim(bottom=1e-6)
+        ax.set_ylim(bottom=floor)
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     ax.legend()
