@@ -7,11 +7,11 @@ Measured in one run, on the CPU and on CUDA when present, on ``SmallCNN`` (width
    and recomputing the graph each time) and of ``torch.func`` forward-over-reverse (``jvp(grad(f))``), each
    divided by one plain forward + backward (``autograd.grad`` of the loss).
 2. **Top eigenvalue and trace at equal iterations**: our power iteration, our Lanczos and our Hutchinson trace
-   against PyHessian's ``eigenvalues(maxIter=N, tol=0)`` / ``trace(maxIter=N, tol=0)`` (tol=0: exactly N
-   products; PyHessian's trace with tol=-inf, see below), on 1 batch (PyHessian's ``data=`` mode, which keeps the graph too) and on 2 batches (its
-   ``dataloader=`` mode, which redoes forward and backward at every product). Without PyHessian installed
-   (``pip install pyhessian``; it is not a dependency of this project) the baseline is a naive double-backward
-   loop written here.
+   against PyHessian's ``eigenvalues(maxIter=N, tol=0)`` / ``trace(maxIter=N, tol=-inf)`` (exactly N products
+   each; see ``base_trace`` for the -inf), on 1 batch (PyHessian's ``data=`` mode, which keeps the graph too) and
+   on 2 batches (its ``dataloader=`` mode, which redoes forward and backward at every product). Without
+   PyHessian installed (``pip install pyhessian``; it is not a dependency of this project) the baseline is a naive
+   double-backward loop written here.
 3. **Products to a 1e-3 relative accuracy** of the top eigenvalue from the same start vector (Lanczos vs power
    iteration), and the **top 3 eigenvalues** with each library's own stopping rule at tol=1e-3 (PyHessian: power
    iteration with deflation, one eigenvalue after the other; ours: one Lanczos run), time and error against a
