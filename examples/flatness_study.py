@@ -271,6 +271,7 @@ def stage_paths(args: argparse.Namespace) -> None:
             batch_size=SETTINGS["batch_size"], val_size=SETTINGS["val_size"], train_subset=SETTINGS["train_subset"]
         )
         data.setup("fit")
+        data.setup("test")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             train = [b for _, b in zip(range(2), data.train_dataloader())]

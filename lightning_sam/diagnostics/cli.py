@@ -84,7 +84,7 @@ def measure(
 ) -> dict[str, Any]:
     with torch.no_grad():
         loss = sum(float(cross_entropy_loss(module, b)) for b in batches) / len(batches)
-    eigenvalues = hessian_eigenvalues(module, cross_entropy_loss, batches, k=args.k, seed=args.seed)
+    eigenvalues = hessian_eigenvalues(module, cross_entropy_loss, batches, k=args.k, tol=args.tol, seed=args.seed)
     trace = hessian_trace(module, cross_entropy_loss, batches, num_probes=args.trace_probes, tol=None, seed=args.seed)
     s = sharpness(module, cross_entropy_loss, batches, rho=args.rho, m=args.m)
     landscape = loss_landscape(
@@ -113,6 +113,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--labels", nargs="+", default=None, help="a name per checkpoint (default: file names)")
     parser.add_argument("--num-batches", type=int, default=2, help="training batches measured on (default 2)")
     parser.add_argument("--k", type=int, default=1, help="top eigenvalues (default 1)")
+    parser.add_argument("--tol", type=float, default=1e-3, help="Lanczos residual tolerance (default 1e-3)")
     parser.add_argument("--trace-probes", type=int, default=50, help="Hutchinson probes (default 50)")
     parser.add_argument("--rho", type=float, default=0.05, help="ρ of the sharpness (default 0.05)")
     parser.add_argument("--m", type=int, default=None, help="examples per ε of the sharpness (default: the batch)")
