@@ -275,9 +275,18 @@ def test_linear_path_ends_are_the_two_models():
         for p in b.parameters():
             p.add_(0.3 * torch.randn_like(p))
         b.bn.running_mean.add_(0.5)
+        b.bn.running_var.mul_(0.2)  # extrapolating past b would make it negative
     path = linear_path(a, b, ce, batches, steps=5)
     assert path.losses[0] == pytest.approx(float(ce(copy.deepcopy(a).eval(), batches[0])), rel=1e-12)
     assert path.losses[-1] == pytest.approx(float(ce(copy.deepcopy(b).eval(), batches[0])), rel=1e-9)
+    # Past the ends: parameters extrapolated, statistics those of the nearer model (no NaN from a negative variance).
+    beyond = linear_path(a, b, ce, batches, steps=3, span=(-0.5, 1.5))
+    assert torch.isfinite(beyond.losses).all() and beyond.ts.tolist() == [-0.5, 0.5, 1.5]
+    by_hand = copy.deepcopy(b).eval()
+    with torch.no_grad():
+        for p, pa, pb in zip(by_hand.parameters(), a.parameters(), b.parameters()):
+            p.copy_(pa + 1.5 * (pb - pa))
+    assert beyond.losses[2] == pytest.approx(float(ce(by_hand, batches[0])), rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------ state untouched

@@ -189,8 +189,9 @@ def linear_path(
 ) -> LinearPath:
     """The mean loss over ``batches`` along the straight line from ``model_a`` (t = 0) to ``model_b`` (t = 1).
 
-    Every parameter with ``requires_grad`` and every floating-point buffer (BatchNorm's running statistics) is
-    interpolated, (1 − t)·a + t·b; the loss is evaluated on ``model_a`` moved to each point (it is put back
+    Every parameter with ``requires_grad`` is interpolated, (1 − t)·a + t·b, and so is every floating-point buffer
+    (BatchNorm's running statistics) for t in [0, 1] (outside, the buffers stay those of the nearer end, since an
+    extrapolated variance can be negative); the loss is evaluated on ``model_a`` moved to each point (it is put back
     exactly afterwards; ``model_b`` is only read). For example, an SGD and a SAM checkpoint of the same network:
     a barrier between them, and the side on which the loss rises faster.
 
@@ -233,6 +234,7 @@ def linear_path(
             for p, a, b in zip(params_a, origin, params_b):
                 p.copy_(torch.lerp(a, b.to(a.device, a.dtype), t))
             for (buf, b), a in zip(buf_pairs, buf_origin):
-                buf.copy_(torch.lerp(a, b.to(a.device, a.dtype), t))
+                # Beyond the ends the statistics stay those of the nearer model: extrapolated variances could go < 0.
+                buf.copy_(torch.lerp(a, b.to(a.device, a.dtype), min(max(t, 0.0), 1.0)))
             losses[i] = _mean_loss(model_a, loss_fn, batch_list)
     return LinearPath(ts, losses)
