@@ -19,7 +19,7 @@ interrupted study resumes):
 
 Usage::
 
-    python examples/flatness_study.py all --workers 2      # rho, flatness, msharpness (about 25 CPU-minutes)
+    python examples/flatness_study.py all --workers 2      # rho, flatness, paths, msharpness (~30 CPU-minutes)
     python examples/flatness_study.py report               # tables + plots + docs/results.md, from results/ only
 """
 
@@ -302,10 +302,13 @@ def report(args: argparse.Namespace) -> None:
     img.mkdir(parents=True, exist_ok=True)
     out: list[str] = [MARK_START, "", "## Flatness: the Hessian spectrum, m-sharpness and the landscape", ""]
     out += [
-        "Reproduce (about 25 CPU-minutes on 2 workers of one thread; resumable), then regenerate this section:",
+        "Reproduce (about 30 CPU-minutes on 2 workers of one thread, plus 7 for the ρ = 0.05 sensitivity sweep;"
+        " resumable), then regenerate this section:",
         "",
         "```bash",
         "python examples/flatness_study.py all --workers 2",
+        "python examples/flatness_study.py paths",
+        "python examples/flatness_study.py msharpness --rho 0.05 --m-grid 4 16 128   # sensitivity",
         "python examples/flatness_study.py report",
         "```",
         "",
