@@ -445,3 +445,29 @@ def test_k_larger_than_the_parameter_count_is_refused_before_any_work():
 def test_argument_errors_say_what_is_wrong(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+# ------------------------------------------------------------------------------------------------------ plotting
+def test_plotting_helpers_draw_what_they_are_given(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lightning_sam.diagnostics import plotting
+
+    plt = plotting.pyplot()
+    model, batches = mlp(), mlp_batches()
+    spectrum = hessian_spectrum(model, ce, batches, num_steps=8)
+    one = loss_landscape(model, ce, batches, dims=1, steps=5)
+    two = loss_landscape(model, ce, batches, dims=2, steps=4)
+    path = linear_path(model, mlp(), ce, batches, steps=3)
+    fig, axes = plt.subplots(1, 5, figsize=(15, 3))
+    plotting.plot_spectrum({"a": spectrum, "b": spectrum}, ax=axes[0])
+    plotting.plot_landscape_1d({"w": one, "raw": (one.alphas, one.losses)}, ax=axes[1])
+    plotting.plot_landscape_2d(two, ax=axes[2])
+    plotting.plot_linear_path(path, labels=("SGD", "SAM"), ax=axes[3])
+    plotting.plot_eigenvalue_history({"SGD": [(0, 1.0), (1, 2.0)]}, ax=axes[4])
+    assert len(axes[0].lines) == 2 and len(axes[1].lines) == 2 and len(axes[4].lines) == 1
+    assert list(axes[1].lines[0].get_ydata()) == one.losses.tolist()
+    assert list(axes[3].lines[0].get_ydata()) == path.losses.tolist()
+    fig.savefig(tmp_path / "all.png")
+    plt.close(fig)
+    with pytest.raises(ValueError, match="needs a 2-D landscape"):
+        plotting.plot_landscape_2d(one)
