@@ -19,7 +19,7 @@ interrupted study resumes):
 
 Usage::
 
-    python examples/flatness_study.py all --workers 2      # rho, flatness, paths, msharpness (~30 CPU-minutes)
+    python examples/flatness_study.py all --workers 2      # rho, flatness, paths, msharpness (~35 run-minutes)
     python examples/flatness_study.py report               # tables + plots + docs/results.md, from results/ only
 """
 
@@ -302,12 +302,11 @@ def report(args: argparse.Namespace) -> None:
     img.mkdir(parents=True, exist_ok=True)
     out: list[str] = [MARK_START, "", "## Flatness: the Hessian spectrum, m-sharpness and the landscape", ""]
     out += [
-        "Reproduce (about 30 CPU-minutes on 2 workers of one thread, plus 7 for the ρ = 0.05 sensitivity sweep;"
-        " resumable), then regenerate this section:",
+        "Reproduce (resumable; one thread per run, 2 workers: the runs below took 34 run-minutes, plus 16 for the"
+        " ρ = 0.05 sensitivity sweep, on a 2-core machine shared with other jobs), then regenerate this section:",
         "",
         "```bash",
         "python examples/flatness_study.py all --workers 2",
-        "python examples/flatness_study.py paths",
         "python examples/flatness_study.py msharpness --rho 0.05 --m-grid 4 16 128   # sensitivity",
         "python examples/flatness_study.py report",
         "```",
