@@ -34,6 +34,13 @@ from lightning_sam.diagnostics.landscape import linear_path, loss_landscape
 from lightning_sam.diagnostics.sharpness import sharpness
 
 
+def _default_label(path: Path) -> str:
+    """``name/version_0/last`` for ``runs/name/version_0/checkpoints/last.ckpt``, else the file's stem."""
+    if path.parent.name == "checkpoints" and len(path.parts) >= 4:
+        return f"{path.parts[-4]}/{path.parts[-3]}/{path.stem}"
+    return path.stem
+
+
 def find_config(checkpoint: Path) -> Optional[Path]:
     """``config.yaml`` beside the checkpoint or beside its ``checkpoints/`` folder (where LightningCLI saves it)."""
     for folder in (checkpoint.parent, checkpoint.parent.parent):
@@ -127,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for path in args.checkpoints:
         if not path.is_file():
             parser.error(f"no such checkpoint: {path}")
-    labels = args.labels or [p.stem if p.stem != "last" else str(p) for p in args.checkpoints]
+    labels = args.labels or [_default_label(p) for p in args.checkpoints]
     config = args.config or find_config(args.checkpoints[0])
     if config is None:
         parser.error(f"no config.yaml found beside {args.checkpoints[0]}: pass --config (the config of the run)")
