@@ -192,6 +192,8 @@ class FlatnessMonitor(Callback):
     def _hold_aside(self, trainer: pl.Trainer) -> list[Any]:
         with _all_rngs_preserved():
             try:
+                # The source the fit loop itself reads (the `train_dataloaders` given to `fit`, the datamodule or
+                # the module), before Lightning wraps it (no DistributedSampler yet). Lightning 2.6 internal.
                 loader = trainer.fit_loop._data_source.dataloader()
             except Exception as err:  # no train_dataloader anywhere
                 raise MisconfigurationException(
