@@ -204,6 +204,9 @@ class SAM(Callback):
                 self.variant = optimizer.variant
             # Lightning calls `step` as for any optimizer; the passes are run here.
             self._patcher.set(optimizer, "base_steps_only", True)
+        if getattr(self, "_saved_variant", None) is not None:
+            load_variant_state(self.variant, self._saved_variant)
+            self._saved_variant = None
         validate_param_groups(optimizer.param_groups, math)
         check_parameters(pl_module)
         bind_variant(self.variant, optimizer, math, trainer.world_size)
@@ -248,7 +251,8 @@ class SAM(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.counters.load_state_dict(state_dict)
-        load_variant_state(self.variant, state_dict.get("variant"))
+        # Loaded at `on_fit_start`, once the variant is known (it may come from a SAMOptimizer or a SAMModule).
+        self._saved_variant = state_dict.get("variant")
         saved = SAMConfig.from_dict(state_dict.get("config", {}))
         if saved != self.config:
             rank_zero_warn(

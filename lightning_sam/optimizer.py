@@ -22,6 +22,13 @@ from lightning_sam.variants.binding import bind_variant, check_variant, load_var
 BaseOptimizer = Callable[[Iterable], Optimizer]
 
 
+_SAME_RANDOMNESS_AND_SELECTION = (
+    "`same_randomness=True` cannot hold with a variant that selects the examples of the second pass (ESAM with"
+    " gamma < 1): that pass runs on a subset, whose random draws cannot be those of the first pass. Use gamma=1 or"
+    " same_randomness=False."
+)
+
+
 class SAMOptimizer(Optimizer):
     """Sharpness-Aware Minimization around any base optimizer.
 
@@ -110,7 +117,7 @@ class SAMOptimizer(Optimizer):
         self._kept: Optional[list[Optional[Tensor]]] = None
         self._delegate = False
         self.sam_steps_taken = 0
-        """Calls of ``step(closure)`` so far: the step index a variant's schedule sees (checkpointed)."""
+        """Steps taken (by ``step(closure)`` or ``second_step``): the index a variant's schedule sees (checkpointed)."""
         self.base_steps_only = False
         """When True, ``step`` is a plain step of the base optimizer. The ``SAM`` callback and ``SAMModule`` set it
         for the fit: they run the two passes themselves and let Lightning call ``step`` as for any optimizer."""
@@ -137,7 +144,7 @@ class SAMOptimizer(Optimizer):
             raise RuntimeError("first_step() was called twice without second_step() or restore() in between.")
         variant = self.variant
         groups = groups_from_optimizer(self.param_groups, self.config)
-        factor = variant.rho_factor(self.sam_steps_taken, float(self.param_groups[0]["lr"]), self.config.rho)
+        factor = variant.rho_factor(self.sam_steps_taken, self.param_groups[0], self.config.rho)
         if factor != 1.0:
             groups = [PerturbGroup(g.params, g.rho * factor, g.adaptive, g.eta) for g in groups]
         if variant.climbs_before_forward:
@@ -202,6 +209,7 @@ class SAMOptimizer(Optimizer):
                 grad_scaler.step(self)
             else:
                 self.step()
+        self.sam_steps_taken += 1
         if zero_grad:
             self.zero_grad()
 
@@ -223,7 +231,6 @@ class SAMOptimizer(Optimizer):
             )
         closure = torch.enable_grad()(closure)
         variant, index = self.variant, self.sam_steps_taken
-        self.sam_steps_taken += 1
         if variant.climbs_before_forward:  # MSAM: one pass, at w + ε from the momentum
             self.zero_grad()
             self.first_step()
@@ -240,7 +247,10 @@ class SAMOptimizer(Optimizer):
         if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
             loss_at_w = closure()
         elif start is not None:
-            start = None  # the pass at w ran before this call: its RNG state is not known here
+            raise RuntimeError(
+                "`same_randomness=True` replays the RNG state of the pass at w, so `step(closure)` must run that pass"
+                " itself: do not back-propagate before `step(closure)` (the gradients are already there)."
+            )
         if sam is None:
             sam = variant.decide(index, _sq_norm([p.grad for group in self.param_groups for p in group["params"]]))
         if not sam:
@@ -266,6 +276,8 @@ class SAMOptimizer(Optimizer):
 
     def _step_selecting_examples(self, closure: Callable[..., Any]) -> Any:
         """ESAM's data selection: ``closure(indices)`` returns per-example losses (it does not call backward)."""
+        if self.config.same_randomness:
+            raise RuntimeError(_SAME_RANDOMNESS_AND_SELECTION)
         losses = closure(None)
         if not isinstance(losses, Tensor) or losses.dim() != 1:
             raise RuntimeError(
@@ -287,6 +299,7 @@ class SAMOptimizer(Optimizer):
 
     def _base_step(self, loss: Any) -> Any:
         self.base_optimizer.step()
+        self.sam_steps_taken += 1
         # Gradients at w must never be mistaken for the next step's: the next call starts from none.
         self.zero_grad()
         return loss

@@ -84,9 +84,14 @@ def check_parameters(module: torch.nn.Module) -> None:
         )
 
 
+def norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """float32 for the norms of low-precision and float32 tensors, float64 where any is float64 (no narrowing)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def grad_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """The 2-norm of all ``tensors`` taken together, in float32, on their device."""
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    """The 2-norm of all ``tensors`` taken together, in float32 (float64 for float64 tensors), on their device."""
+    norms = torch._foreach_norm(tensors, 2, dtype=norm_dtype(tensors))
     return torch.linalg.vector_norm(torch.stack(norms), 2)
 
 

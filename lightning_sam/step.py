@@ -43,6 +43,7 @@ from lightning_sam.patching import Patcher
 from lightning_sam.rng import get_rng_state, set_rng_state
 from lightning_sam.perturbation import PerturbGroup, groups_from_optimizer, restore_
 from lightning_sam.variants import Variant
+from lightning_sam.variants.base import sq_norm
 
 
 @dataclass
@@ -116,7 +117,7 @@ class SAMPasses:
         if first_of_window:
             index = trainer.global_step
             self._sam = self.variant.plan(index) if index % self.config.interval == 0 else False
-        if self.variant.climbs_before_forward:
+        if self.variant.climbs_before_forward and self._sam is not False:
             output, sam = self._climb_first(trainer, module, step, args, kwargs), True
         elif self._sam is False and not self.variant.modifies_plain_gradient:
             output, sam = step(*args, **kwargs), False  # the loss's own backward gives the gradient: one pass
@@ -259,7 +260,7 @@ def _scheduled_groups(
 ) -> list[PerturbGroup]:
     """The optimizer's groups as ``PerturbGroup``s, each ρ scaled by the variant's ρ schedule at ``step``."""
     groups = groups_from_optimizer(optimizer.param_groups, config)
-    factor = variant.rho_factor(step, float(optimizer.param_groups[0]["lr"]), config.rho)
+    factor = variant.rho_factor(step, optimizer.param_groups[0], config.rho)
     if factor == 1.0:
         return groups
     return [PerturbGroup(g.params, g.rho * factor, g.adaptive, g.eta, grads=g.grads) for g in groups]
@@ -347,8 +348,7 @@ def _unscale(grads: list[Optional[Tensor]], scale: Optional[Tensor]) -> None:
 
 
 def _sq_norm_unscaled(grads: list[Optional[Tensor]], weight: Any) -> Tensor:
-    present = [g for g in grads if g is not None]
-    total = torch.stack(torch._foreach_norm(present, 2, dtype=torch.float32)).square().sum()
+    total = sq_norm(grads)
     return total / (weight * weight) if isinstance(weight, Tensor) else total / weight**2
 
 

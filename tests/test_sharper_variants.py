@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -325,3 +326,150 @@ def test_fp16_loss_scale_does_not_reach_the_variants(name):
     )
     assert moved > 1e-2
     assert_params_equal(weights["16"], weights["32"], exact=False, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------ found by a second review
+class OverflowOnce(LN):
+    """The first pass of step 3 overflows under fp16 (its loss times 1e30)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.calls += 1
+        return loss * 1e30 if self.trainer.global_step == 3 and self.calls % 2 == 1 else loss
+
+
+@pytest.mark.parametrize("name", ["fsam", "aesam"])
+def test_an_fp16_overflow_does_not_poison_a_variant_state(name):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from lightning_sam.variants import AESAM
+
+    variant = FriendlySAM(lmbda=0.6) if name == "fsam" else AESAM(c=0.0)
+    model = OverflowOnce(optimizer_factory=BASES["sgd"])
+    moved = []
+
+    class Moves(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = params_of(pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after = params_of(pl_module)
+            moved.append(any(not torch.equal(self.before[n], after[n]) for n in after))
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    make_trainer(callbacks=[SAM(rho=RHO, variant=variant), Moves()], max_steps=8, plugins=[plugin]).fit(
+        model, make_loader(N, BATCH)
+    )
+    assert moved == [True, True, True, False, True, True, True, True]  # only the overflowing step is skipped
+    if name == "fsam":
+        assert all(torch.isfinite(m).all() for m in variant.momentum.values())
+    else:
+        assert variant.mean is not None and float(variant.mean) == float(variant.mean)  # not NaN
+
+
+def test_samoptimizer_schedules_count_steps_from_zero_in_both_apis():
+    expected = [0.025, 0.05, 0.075, 0.1]
+    for api in ("closure", "first-second"):
+        model = LN()
+        opt = SAMOptimizer(model.parameters(), torch.optim.SGD, lr=LR, rho=0.1, variant=PlainSAM(ConstantRho(0.1, 4)))
+        radii = []
+        for x, y in batches_of(make_loader(N, BATCH))[:4]:
+            before = [p.detach().clone() for p in model.parameters()]
+            F.mse_loss(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            radii.append(float(torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before)))))
+            if api == "closure":
+                opt.restore()
+                opt.zero_grad()
+
+                def closure(x=x, y=y):
+                    loss = F.mse_loss(model(x), y)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+            else:
+                F.mse_loss(model(x), y).backward()
+                opt.second_step(zero_grad=True)
+        assert radii == pytest.approx(expected, rel=1e-5), api
+
+
+def test_lr_tied_rho_rises_with_a_warm_up_to_the_scheduler_peak():
+    layer = nn.Linear(2, 1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=4)
+    variant = GSAM(rho_max=0.2, rho_min=0.02)
+    rhos = []
+    for step in range(6):
+        rhos.append(variant.rho_factor(step, opt.param_groups[0], 0.2) * 0.2)
+        opt.step()
+        warmup.step()
+    assert rhos[0] == pytest.approx(0.02 + 0.18 * 0.1) and rhos[-1] == pytest.approx(0.2)
+    assert rhos == sorted(rhos) and min(rhos) >= 0.02
+
+
+def test_msam_honours_interval():
+    from lightning_sam.variants import MSAM
+
+    model = LN(optimizer_factory=BASES["sgd"])
+    sam = SAM(rho=RHO, interval=2, variant=MSAM())
+    make_trainer(callbacks=[sam], max_steps=6).fit(model, make_loader(N, BATCH))
+    assert (sam.counters.sam_steps, sam.counters.plain_steps) == (3, 3)
+
+
+def test_same_randomness_with_example_selection_is_refused():
+    from lightning_sam.variants import ESAM
+
+    with pytest.raises(ValueError, match="`same_randomness=True` cannot hold with ESAM"):
+        SAM(variant=ESAM(gamma=0.5), same_randomness=True)
+    model = LN()
+    opt = SAMOptimizer(model.parameters(), torch.optim.SGD, lr=LR, same_randomness=True)
+    x, y = batches_of(make_loader(N, BATCH))[0]
+    F.mse_loss(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="must run that pass itself"):
+        opt.step(lambda: F.mse_loss(model(x), y))
+
+
+@pytest.mark.parametrize("face", ["callback", "samoptimizer"])
+def test_float64_models_train(face):
+    batches = batches_of(make_loader(N, BATCH))[:2]
+    model = LN().double()
+    if face == "callback":
+        make_trainer(callbacks=[SAM(rho=RHO)], max_steps=2, precision="64-true").fit(model, make_loader(N, BATCH))
+    else:
+        opt = SAMOptimizer(model.parameters(), torch.optim.SGD, lr=LR, rho=RHO)
+        for x, y in batches:
+            opt.step(lambda x=x, y=y: F.mse_loss(model(x.double()), y.double()).backward())
+    assert all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_samon_selection_outside_the_optimizer_is_refused():
+    class HeadOnly(LN):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net[3].parameters(), lr=LR)
+
+    with pytest.raises(ValueError, match="selects no parameter that is trained by the optimizer"):
+        make_trainer(callbacks=[SAM(variant=SAMON())], max_steps=1).fit(HeadOnly(), make_loader(N, BATCH))
+
+
+def test_resuming_a_samoptimizer_variant_does_not_warn(tmp_path, recwarn):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_sam.variants import LookSAM
+
+    def fit(steps, ckpt=None):
+        def make(params):
+            return SAMOptimizer(params, torch.optim.SGD, rho=RHO, lr=LR, variant=LookSAM(k=2))
+
+        callbacks = [SAM(), ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)]
+        make_trainer(callbacks=callbacks, max_steps=steps, max_epochs=10, enable_checkpointing=True).fit(
+            LN(optimizer_factory=make), make_loader(32, BATCH), ckpt_path=ckpt
+        )
+
+    fit(4)
+    fit(6, ckpt=str(tmp_path / "step=4.ckpt"))
+    assert not [w for w in recwarn if "fresh state" in str(w.message)]

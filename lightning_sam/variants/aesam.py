@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 from torch import Tensor
@@ -56,6 +57,8 @@ class AESAM(Variant):
 
     def decide(self, step: int, grad_sq_norm: Tensor) -> bool:
         value = float(grad_sq_norm)  # the one host read of the step
+        if not math.isfinite(value):
+            return True  # an fp16 overflow: the SAM step skips it, and the statistics stay as they were
         if self.mean is None:
             self.mean, self.var = value, 0.0
             return True

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sam.perturbation import Perturbation, PerturbGroup, perturb_
+from lightning_sam.perturbation import Perturbation, PerturbGroup, grad_norm, norm_dtype, perturb_
 
 Grads = list[Optional[Tensor]]
 
@@ -60,11 +60,12 @@ class Variant:
     def bind_model(self, model: Any) -> None:
         """The module being trained, for variants that select parameters by module or name (SAM-ON)."""
 
-    def rho_factor(self, step: int, lr: float, rho: float) -> float:
-        """ρ_t / ρ for step ``step``: the factor every param group's ρ is scaled by."""
+    def rho_factor(self, step: int, group: dict[str, Any], rho: float) -> float:
+        """ρ_t / ρ for step ``step``, given the first param group (its ``lr``, and the ``initial_lr`` a torch LR
+        scheduler records: the peak of a warm-up): the factor every param group's ρ is scaled by."""
         if self.rho_schedule is None:
             return 1.0
-        return self.rho_schedule(step, lr) / rho
+        return self.rho_schedule(step, float(group["lr"]), group.get("initial_lr")) / rho
 
     # ---------------------------------------------------------------- when
     def plan(self, step: int) -> Optional[bool]:
@@ -191,15 +192,15 @@ def present(tensors: Sequence[Optional[Tensor]]) -> list[Tensor]:
 
 
 def dot(a: Sequence[Optional[Tensor]], b: Sequence[Optional[Tensor]]) -> Tensor:
-    """Σ a·b over the pairs where both are present, in float32, on the device (no host sync)."""
+    """Σ a·b over the pairs where both are present, in float32 (float64 for float64), on the device (no host sync)."""
     pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-    products = torch._foreach_mul([x.float() for x, _ in pairs], [y.float() for _, y in pairs])
+    dtype = norm_dtype([x for x, _ in pairs])
+    products = torch._foreach_mul([x.to(dtype) for x, _ in pairs], [y.to(dtype) for _, y in pairs])
     return torch.stack([p.sum() for p in products]).sum()
 
 
 def sq_norm(tensors: Sequence[Optional[Tensor]]) -> Tensor:
-    norms = torch._foreach_norm(present(tensors), 2, dtype=torch.float32)
-    return torch.stack(norms).square().sum()
+    return grad_norm(present(tensors)).square()
 
 
 def axpy_(y: Sequence[Optional[Tensor]], a: Tensor, x: Sequence[Optional[Tensor]]) -> None:

@@ -19,6 +19,11 @@ def check_variant(variant: Optional[Variant], config: SAMConfig) -> Variant:
         )
     if config.m is not None and not variant.supports_chunks:
         raise ValueError(f"{variant!r} does not take `m`: it makes no ε per group of examples. Leave `m=None`.")
+    if config.same_randomness and variant.needs_example_losses:
+        raise ValueError(
+            f"`same_randomness=True` cannot hold with {variant!r}: its second pass runs on a subset of the examples,"
+            " whose random draws cannot be those of the first pass. Use gamma=1, or same_randomness=False."
+        )
     return variant
 
 

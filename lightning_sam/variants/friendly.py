@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 from lightning_sam.perturbation import Perturbation, PerturbGroup, perturb_
-from lightning_sam.variants.base import Variant, check_non_negative
+from lightning_sam.variants.base import Variant, check_non_negative, sq_norm
 from lightning_sam.variants.schedules import RhoSchedule
 
 
@@ -43,12 +43,16 @@ class FriendlySAM(Variant):
         pairs = [(self._moved(p, g), g) for p, g in zip(params, grads) if g is not None and id(p) not in fresh]
         for p, g in zip(params, grads):
             if id(p) in fresh:  # the first step climbs along g itself
-                self.momentum[id(p)] = g.detach().clone()
+                self.momentum[id(p)] = torch.nan_to_num(g.detach(), nan=0.0, posinf=0.0, neginf=0.0)
         if pairs:
             momenta, current = [m for m, _ in pairs], [g for _, g in pairs]
             previous = torch._foreach_mul(momenta, self.sigma)  # σ·m_{t-1}
-            torch._foreach_mul_(momenta, self.lmbda)
-            torch._foreach_add_(momenta, current, alpha=1 - self.lmbda)
+            updated = torch._foreach_mul(momenta, self.lmbda)
+            torch._foreach_add_(updated, current, alpha=1 - self.lmbda)
+            # An fp16 overflow (a non-finite g) must not reach m: that step is skipped, and m stays as it was.
+            finite = torch.isfinite(sq_norm(current))
+            for m, new in zip(momenta, updated):
+                m.copy_(torch.where(finite, new, m))
             torch._foreach_sub_(current, previous)
         return perturb_(groups, epsilon, guard_nonfinite=guard_nonfinite)
 

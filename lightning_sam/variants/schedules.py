@@ -14,9 +14,10 @@ from lightning_sam.variants.base import check_non_negative
 
 
 class RhoSchedule:
-    """ρ_t for optimizer step ``step`` (from 0) with learning rate ``lr`` (the first param group's)."""
+    """ρ_t for optimizer step ``step`` (from 0) with learning rate ``lr`` (the first param group's); ``base_lr`` is
+    the group's ``initial_lr`` where a torch LR scheduler recorded one (the peak LR of a warm-up), else None."""
 
-    def __call__(self, step: int, lr: float) -> float:
+    def __call__(self, step: int, lr: float, base_lr: Optional[float] = None) -> float:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -44,7 +45,7 @@ class ConstantRho(RhoSchedule):
         _check_warmup(warmup_steps)
         self.rho, self.warmup_steps = float(rho), warmup_steps
 
-    def __call__(self, step: int, lr: float) -> float:
+    def __call__(self, step: int, lr: float, base_lr: Optional[float] = None) -> float:
         return self.rho * _warmup(step, self.warmup_steps)
 
 
@@ -58,7 +59,7 @@ class _Between(RhoSchedule):
         _check_warmup(warmup_steps)
         self.start, self.end, self.total_steps, self.warmup_steps = float(start), float(end), total_steps, warmup_steps
 
-    def __call__(self, step: int, lr: float) -> float:
+    def __call__(self, step: int, lr: float, base_lr: Optional[float] = None) -> float:
         progress = self._shape(min(step, self.total_steps) / self.total_steps)
         return (self.start + (self.end - self.start) * progress) * _warmup(step, self.warmup_steps)
 
@@ -87,14 +88,16 @@ class LRTiedRho(RhoSchedule):
     """ρ_t follows the learning rate: ρ_min + (ρ_max − ρ_min)·(lr − lr_min)/(lr_max − lr_min), clamped to
     [ρ_min, ρ_max] (GSAM's schedule, Zhuang et al. 2022).
 
-    ``lr_max`` defaults to the largest LR seen so far (kept in the checkpoint), so a warm-up that starts below
-    ``lr_min`` gives ρ_min, never less.
+    ``lr_max`` defaults to the peak LR: the ``initial_lr`` that torch's LR schedulers record in the param group (the
+    LR a warm-up climbs to), else the largest LR seen so far (kept in the checkpoint). So ρ rises with the LR during
+    a warm-up and falls with it during the decay; an LR below ``lr_min`` gives ρ_min, never less (big_vision's
+    formula went negative there).
 
     Args:
-        rho_max: ρ at the largest LR.
-        rho_min: ρ at ``lr_min``; at most ``rho_max``.
+        rho_max: ρ at the peak LR.
+        rho_min: ρ at ``lr_min`` and below; at most ``rho_max``.
         lr_min: The LR at which ρ reaches ``rho_min`` (the end of a cosine or linear decay: usually 0).
-        lr_max: The LR at which ρ is ``rho_max``; ``None``: the largest LR seen.
+        lr_max: The LR at which ρ is ``rho_max``; ``None``: the scheduler's ``initial_lr``, or the largest LR seen.
     """
 
     def __init__(
@@ -109,9 +112,9 @@ class LRTiedRho(RhoSchedule):
         self.rho_max, self.rho_min, self.lr_min, self.lr_max = float(rho_max), float(rho_min), float(lr_min), lr_max
         self._seen_max: Optional[float] = None
 
-    def __call__(self, step: int, lr: float) -> float:
+    def __call__(self, step: int, lr: float, base_lr: Optional[float] = None) -> float:
         self._seen_max = lr if self._seen_max is None else max(self._seen_max, lr)
-        lr_max = self.lr_max if self.lr_max is not None else self._seen_max
+        lr_max = self.lr_max if self.lr_max is not None else (base_lr if base_lr is not None else self._seen_max)
         if lr_max <= self.lr_min:
             return self.rho_max
         t = min(max((lr - self.lr_min) / (lr_max - self.lr_min), 0.0), 1.0)

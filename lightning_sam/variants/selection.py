@@ -98,10 +98,19 @@ class SAMON(Variant):
         self.rho_schedule = rho_schedule
         self._selected: Optional[set[int]] = None
 
+    def bind(self, optimizer) -> None:
+        self._optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+
     def bind_model(self, model: nn.Module) -> None:
-        self._selected = {id(p) for p in self.selection.select(model) if p.requires_grad}
+        optimized = getattr(self, "_optimized", None)
+        self._selected = {
+            id(p) for p in self.selection.select(model) if p.requires_grad and (optimized is None or id(p) in optimized)
+        }
         if not self._selected:
-            raise ValueError(f"{self.selection!r} selects only frozen parameters: SAM would perturb nothing.")
+            raise ValueError(
+                f"{self.selection!r} selects no parameter that is trained by the optimizer: SAM would perturb nothing."
+                " Select parameters that require grad and are in the optimizer's param groups."
+            )
 
     def first_pass_params(self, params: Sequence[Tensor]) -> list[Tensor]:
         if self._selected is None:
