@@ -223,6 +223,9 @@ def main() -> None:
     parser.add_argument(
         "--modes", nargs="+", default=list(MODES), choices=[*MODES, *VARIANTS], help="entry points and variants"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="measure every mode this many times, interleaved; report the median"
+    )
     parser.add_argument("--_one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -235,32 +238,25 @@ def main() -> None:
     import torch
 
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    runs: dict[tuple, list[dict[str, Any]]] = {}
+    for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every mode alike
+        for device in devices:
+            for model_name in args.models:
+                for mode in args.modes:
+                    if mode == "peer-sam" and importlib.util.find_spec("pytorch_optimizer") is None:
+                        print("  skipping peer-sam: pip install pytorch-optimizer to compare", file=sys.stderr)
+                        continue
+                    row = _run_subprocess(args, model_name, mode, device)
+                    runs.setdefault((device, model_name, mode), []).append(row)
+                    print(f"  done {device} {model_name} {mode}: {row['median_step_s'] * 1e3:.1f} ms", file=sys.stderr)
     rows = []
-    for device in devices:
-        for model_name in args.models:
-            for mode in args.modes:
-                if mode == "peer-sam" and importlib.util.find_spec("pytorch_optimizer") is None:
-                    print("  skipping peer-sam: pip install pytorch-optimizer to compare", file=sys.stderr)
-                    continue
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--_one",
-                    model_name,
-                    mode,
-                    device,
-                    "--steps",
-                    str(args.steps),
-                    "--warmup",
-                    str(args.warmup),
-                    "--threads",
-                    str(args.threads),
-                ]
-                if args.batch:
-                    cmd += ["--batch", str(args.batch)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-                rows.append(json.loads(out))
-                print(f"  done {device} {model_name} {mode}: {rows[-1]['median_step_s'] * 1e3:.1f} ms", file=sys.stderr)
+    for same in runs.values():
+        row = dict(same[0])
+        row["median_step_s"] = statistics.median(r["median_step_s"] for r in same)
+        row["sam_math_s"] = statistics.median(r["sam_math_s"] for r in same)
+        row["peak_memory_mb"] = max(r["peak_memory_mb"] for r in same)
+        row["repeats"] = len(same)
+        rows.append(row)
     print(_table(rows))
     if any(r["mode"] in VARIANTS for r in rows):
         print("\n| variant | expected passes per step | extra buffers (parameter-sized) |\n|---|---|---|")
@@ -269,6 +265,15 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def _run_subprocess(args: argparse.Namespace, model_name: str, mode: str, device: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--_one", model_name, mode, device]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
