@@ -30,7 +30,6 @@ import multiprocessing as mp
 import os
 import re
 import statistics
-import time
 from typing import Any, Optional
 
 # The variants, their knob grid (tuned on the validation split) and how each is built.
@@ -89,13 +88,11 @@ def build_variant(method: str, knobs: dict[str, Any]):
 
 
 def train_one(run: dict[str, Any]) -> dict[str, Any]:
-    import lightning.pytorch as pl
-    import torch
     import torch.nn.functional as F
+    from fashion_mnist_run import fit_and_test
 
     from lightning_sam import SAM
-    from lightning_sam.data import FashionMNISTDataModule
-    from lightning_sam.models import ImageClassifier, SmallCNN
+    from lightning_sam.models import ImageClassifier
 
     class Classifier(ImageClassifier):
         """Also returns the per-example losses (ESAM's data selection reads them; the others ignore them)."""
@@ -108,52 +105,26 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
             return {"loss": losses.mean(), "losses": losses}
 
-    torch.set_num_threads(run["threads"])
-    pl.seed_everything(run["seed"], verbose=False)
-    data = FashionMNISTDataModule(
-        batch_size=128,
-        val_size=5000,
-        train_subset=run["train_subset"],
-        label_noise=run["noise"],
-        noise_seed=run["seed"],
-        split_seed=0,
-    )
-    epochs = run["epochs"]
-    module = Classifier(
-        SmallCNN(width=run["width"]),
-        optimizer=lambda params: torch.optim.SGD(params, lr=run["lr"], momentum=0.9, weight_decay=5e-4),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs),
-    )
     sam = None
     if run["method"] != "sgd":
         knobs = {**run["knobs"], "seed": run["seed"], "rho": run["rho"]}
         sam = SAM(rho=run["rho"], variant=build_variant(run["method"], knobs))
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
+    result = fit_and_test(
+        run,
         callbacks=[sam] if sam is not None else [],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        check_val_every_n_epoch=epochs,  # validate once, at the end: selection only, not part of the cost
+        module_cls=Classifier,
+        check_val_every_n_epoch=run["epochs"],  # validate once, at the end: selection only, not part of the cost
         num_sanity_val_steps=0,
     )
-    start, cpu_start = time.perf_counter(), time.process_time()
-    trainer.fit(module, datamodule=data)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    val_acc = float(trainer.callback_metrics["val/acc"])
-    train_acc = float(trainer.callback_metrics.get("train/acc", float("nan")))
-    test = trainer.test(module, datamodule=data, verbose=False)[0]
-    counters = sam.counters.state_dict() if sam is not None else {"sam_steps": 0, "plain_steps": trainer.global_step}
+    steps = result["trainer"].global_step
+    counters = sam.counters.state_dict() if sam is not None else {"sam_steps": 0, "plain_steps": steps}
     return {
         **run,
-        "test_error": 1.0 - test["test/acc"],
-        "val_error": 1.0 - val_acc,
-        "train_acc": train_acc,
-        "train_seconds": seconds,
-        "train_cpu_seconds": cpu_seconds,
+        "test_error": 1.0 - result["test"]["test/acc"],
+        "val_error": 1.0 - result["val_acc"],
+        "train_acc": result["train_metrics"].get("train/acc", float("nan")),
+        "train_seconds": result["train_seconds"],
+        "train_cpu_seconds": result["train_cpu_seconds"],
         "sam_steps": counters["sam_steps"],
         "plain_steps": counters["plain_steps"],
     }

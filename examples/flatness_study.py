@@ -30,7 +30,6 @@ import json
 import statistics
 import math
 import multiprocessing as mp
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,26 +52,13 @@ def _loss(model, batch):
 
 
 def train_one(run: dict[str, Any]) -> dict[str, Any]:
-    import lightning.pytorch as pl
-    import torch
+    from fashion_mnist_run import fit_and_test
 
     from lightning_sam import SAM
-    from lightning_sam.data import FashionMNISTDataModule
     from lightning_sam.diagnostics import loss_landscape
     from lightning_sam.diagnostics.callback import FlatnessMonitor
-    from lightning_sam.models import ImageClassifier, SmallCNN
 
-    torch.set_num_threads(1)
-    pl.seed_everything(run["seed"], verbose=False)
-    data = FashionMNISTDataModule(
-        batch_size=run["batch_size"], val_size=run["val_size"], train_subset=run["train_subset"], split_seed=0
-    )
     epochs = run["epochs"]
-    module = ImageClassifier(
-        SmallCNN(width=run["width"]),
-        optimizer=lambda params: torch.optim.SGD(params, lr=run["lr"], momentum=0.9, weight_decay=5e-4),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs),
-    )
     callbacks: list[Any] = []
     if run["method"] == "sam":
         callbacks.append(SAM(rho=run["rho"], m=run.get("m")))
@@ -90,21 +76,9 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
         )
         spectra = _spectra_callback()(monitor, mid_epoch=epochs // 2 - 1)
         callbacks += [monitor, spectra]
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
-    val_acc = float(trainer.callback_metrics["val/acc"])
-    test = trainer.test(module, datamodule=data, verbose=False)[0]
+    result = fit_and_test(run, callbacks=callbacks)
+    module, trainer, test = result["module"], result["trainer"], result["test"]
+    seconds, val_acc = result["train_seconds"], result["val_acc"]
     row = {**run, "test_error": 1.0 - test["test/acc"], "val_error": 1.0 - val_acc, "train_seconds": seconds}
     if monitor is not None:
         row["history"] = [{k: v for k, v in h.items() if k != "spectrum"} for h in monitor.history]

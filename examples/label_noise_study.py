@@ -18,59 +18,24 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import time
 from typing import Any
 
 
 def train_one(run: dict[str, Any]) -> dict[str, Any]:
-    import lightning.pytorch as pl
-    import torch
+    from fashion_mnist_run import fit_and_test
 
     from lightning_sam import SAM
-    from lightning_sam.data import FashionMNISTDataModule
-    from lightning_sam.models import ImageClassifier, SmallCNN
 
-    torch.set_num_threads(run["threads"])
-    pl.seed_everything(run["seed"], verbose=False)
-    data = FashionMNISTDataModule(
-        batch_size=128,
-        val_size=5000,
-        train_subset=run["train_subset"],
-        label_noise=run["noise"],
-        noise_seed=run["seed"],
-        split_seed=0,
-    )
-    epochs = run["epochs"]
-    module = ImageClassifier(
-        SmallCNN(width=run["width"]),
-        optimizer=lambda params: torch.optim.SGD(params, lr=run["lr"], momentum=0.9, weight_decay=5e-4),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs),
-    )
-    callbacks = [SAM(rho=run["rho"])] if run["method"] == "sam" else []
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
-    val_acc = float(trainer.callback_metrics["val/acc"])
-    # Accuracy on the (noisy) training labels in the last epoch: how much of the noise the network memorised.
-    train_acc = float(trainer.callback_metrics.get("train/acc_epoch", float("nan")))
-    test = trainer.test(module, datamodule=data, verbose=False)[0]
+    result = fit_and_test(run, callbacks=[SAM(rho=run["rho"])] if run["method"] == "sam" else [])
+    test = result["test"]
     return {
         **run,
         "test_error": 1.0 - test["test/acc"],
         "test_loss": test["test/loss"],
-        "val_acc": val_acc,
-        "train_acc": train_acc,
-        "train_seconds": seconds,
+        "val_acc": result["val_acc"],
+        # Accuracy on the (noisy) training labels in the last epoch: how much of the noise the network memorised.
+        "train_acc": result["train_metrics"].get("train/acc_epoch", float("nan")),
+        "train_seconds": result["train_seconds"],
     }
 
 
