@@ -147,8 +147,13 @@ def _base(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _matching(rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """The runs of these settings, one per run key (the first, should two processes of the study have run it)."""
     base = _base(args)
-    return [r for r in rows if all(r[k] == base[k] for k in ("epochs", "train_subset", "width", "lr"))]
+    unique: dict[str, dict] = {}
+    for r in rows:
+        if all(r[k] == base[k] for k in ("epochs", "train_subset", "width", "lr")):
+            unique.setdefault(_key(r), r)
+    return list(unique.values())
 
 
 TUNE_NOISE = 0.4  # settings are picked on this regime's validation split and used in both regimes (CPU budget)
@@ -286,13 +291,18 @@ def report(args: argparse.Namespace) -> str:
             " | share of SAM's gain |"
         )
         out.append("|---|---|---|---|---|---|")
+        by = {line["method"]: line for line in lines}
+        sam_gains = "sgd" in by and "sam" in by and by["sgd"]["error"] - by["sam"]["error"] > by["sam"]["error_std"]
         for line in lines:
             kept = line.get("gain_kept", float("nan"))
+            share = "" if line["method"] in ("sgd", "sam") else (f"{100 * kept:.0f}%" if sam_gains else "n/a")
             out.append(
                 f"| {LABELS[line['method']]} | {_setting_text(line)} | {line['error']:.2f} ± {line['error_std']:.2f}"
-                f" | {line['time']:.2f}x ± {line['time_std']:.2f} | {100 * line['sam_fraction']:.0f}% |"
-                f" {'' if line['method'] in ('sgd', 'sam') else f'{100 * kept:.0f}%'} |"
+                f" | {line['time']:.2f}x ± {line['time_std']:.2f} | {100 * line['sam_fraction']:.0f}% | {share} |"
             )
+        if not sam_gains:
+            out.append("")
+            out.append("SAM does not beat SGD here (by more than a standard deviation): no gain to share.")
         out.append("")
     text = "\n".join(out)
     print(text)
