@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import re
 import statistics
 from typing import Any, Optional
+
+from fashion_mnist_run import run_all
 
 # The variants, their knob grid (tuned on the validation split) and how each is built.
 KNOBS: dict[str, list[dict[str, Any]]] = {
@@ -208,18 +209,14 @@ def study(args: argparse.Namespace) -> None:
         todo = [r for r in phase_runs(phase, rows, args) if _key(r) not in done]
         todo = list({_key(r): r for r in todo}.values())
         print(f"[{phase}] {len(todo)} runs to go", flush=True)
-        if not todo:
-            continue
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
-            for row in pool.imap_unordered(train_one, todo):
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(
-                    f"  {row['method']} noise={row['noise']} seed={row['seed']} rho={row['rho']} {row['knobs']}:"
-                    f" val {row['val_error']:.4f} test {row['test_error']:.4f} ({row['train_seconds']:.0f}s)",
-                    flush=True,
-                )
+        run_all(train_one, todo, args.out, args.workers, _describe)
+
+
+def _describe(row: dict[str, Any]) -> str:
+    return (
+        f"  {row['method']} noise={row['noise']} seed={row['seed']} rho={row['rho']} {row['knobs']}:"
+        f" val {row['val_error']:.4f} test {row['test_error']:.4f} ({row['train_seconds']:.0f}s)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- report

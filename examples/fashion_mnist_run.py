@@ -8,7 +8,7 @@ read offline; the run's seed fixes the initial weights, the data order and the l
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 def fit_and_test(
@@ -72,3 +72,26 @@ def fit_and_test(
     if test:
         result["test"] = trainer.test(module, datamodule=data, verbose=False)[0]
     return result
+
+
+def run_all(
+    train_one: Callable[[dict[str, Any]], dict[str, Any]],
+    runs: list[dict[str, Any]],
+    out: str,
+    workers: int,
+    describe: Callable[[dict[str, Any]], str],
+) -> None:
+    """Train ``runs`` in ``workers`` processes (one CPU thread each, a fresh process per run), appending each finished
+    row to the JSON-lines file ``out`` as it comes: an interrupted study loses at most the runs in flight."""
+    import json
+    import multiprocessing as mp
+    import os
+
+    if not runs:
+        return
+    os.makedirs(os.path.dirname(str(out)) or ".", exist_ok=True)
+    with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+        for row in pool.imap_unordered(train_one, runs):
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(describe(row), flush=True)

@@ -29,9 +29,10 @@ import argparse
 import json
 import statistics
 import math
-import multiprocessing as mp
 from pathlib import Path
 from typing import Any
+
+from fashion_mnist_run import run_all
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "flatness_study"
@@ -135,18 +136,16 @@ def _run_all(runs: list[dict[str, Any]], path: Path, workers: int) -> None:
     done = {_key(r) for r in _read(path)}
     todo = [r for r in runs if _key(r) not in done]
     print(f"{path.name}: {len(runs) - len(todo)} runs done, {len(todo)} to go", flush=True)
-    if not todo:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
-        for row in pool.imap_unordered(train_one, todo):
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(
-                f"{row['stage']} {row['method']} rho={row.get('rho')} m={row.get('m')} seed={row['seed']}:"
-                f" val {row['val_error']:.4f} test {row['test_error']:.4f} ({row['train_seconds']:.0f}s)",
-                flush=True,
-            )
+    run_all(
+        train_one,
+        todo,
+        str(path),
+        workers,
+        lambda row: (
+            f"{row['stage']} {row['method']} rho={row.get('rho')} m={row.get('m')} seed={row['seed']}:"
+            f" val {row['val_error']:.4f} test {row['test_error']:.4f} ({row['train_seconds']:.0f}s)"
+        ),
+    )
 
 
 def picked_rho(results: Path, grid: list[float]) -> float:

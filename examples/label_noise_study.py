@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 from typing import Any
+
+from fashion_mnist_run import run_all
 
 
 def train_one(run: dict[str, Any]) -> dict[str, Any]:
@@ -75,16 +76,16 @@ def study(args: argparse.Namespace) -> None:
     ]
     todo = [r for r in runs if _key(r) not in done]
     print(f"{len(runs) - len(todo)} runs done, {len(todo)} to go", flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
-        for row in pool.imap_unordered(train_one, todo):
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(
-                f"{row['method']} noise={row['noise']} seed={row['seed']}: test error {row['test_error']:.4f}"
-                f" ({row['train_seconds']:.0f}s)",
-                flush=True,
-            )
+    run_all(
+        train_one,
+        todo,
+        args.out,
+        args.workers,
+        lambda row: (
+            f"{row['method']} noise={row['noise']} seed={row['seed']}: test error {row['test_error']:.4f}"
+            f" ({row['train_seconds']:.0f}s)"
+        ),
+    )
 
 
 def report(args: argparse.Namespace) -> None:
