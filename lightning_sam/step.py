@@ -99,6 +99,15 @@ class SAMPasses:
         self.optimizer = optimizer
         self.variant = variant
         self._sam: Optional[bool] = True  # this optimizer step's decision; None until the first gradient decides
+        self._written: Optional[set[int]] = None  # ids of the buffers a forward has written so far
+
+    def _state_buffers(self, buffers: list[Tensor]) -> list[Tensor]:
+        """The layer-state buffers to copy for the second pass: all of them until a first pass has shown which ones a
+        forward writes (spectral norm's vectors, running statistics; not constant masks), then those. A buffer first
+        written at a later step joins from then on (that step's second pass is the one not replayed for it)."""
+        if self._written is None:
+            return buffers
+        return [b for b in buffers if id(b) in self._written]
 
     def run(
         self,
@@ -159,7 +168,8 @@ class SAMPasses:
         scaler = _lightning.loss_scaler(trainer)
         scale = _lightning.scale_tensor(scaler, _device(trainable)) if scaler is not None else None
         metrics = [m for m in module.modules() if isinstance(m, Metric)]
-        state = _FirstPassState(module, buffers=self.config.bn_policy == "first", rng=self.config.same_randomness)
+        watched = layer_state_buffers(module) if self.config.bn_policy == "first" else []
+        state = _FirstPassState(self._state_buffers(watched), watched, rng=self.config.same_randomness)
 
         final: Optional[list[Optional[Tensor]]] = None
         outputs, losses, perturbed_losses, norms = [], [], [], []
@@ -171,6 +181,8 @@ class SAMPasses:
             with recorder.recording(share) if recorder is not None else _nothing():
                 output = step(chunk, *rest, **kwargs)
             _check_unchanged(chunk, versions)
+            if watched:
+                self._written = (self._written or set()) | {id(b) for b in state.changed()}
             loss = loss_of(output)
             if loss is None:
                 if index > 0:
@@ -474,12 +486,17 @@ class _FirstPassState:
     where the first pass left it, as if one pass had run.
     """
 
-    def __init__(self, module: pl.LightningModule, buffers: bool, rng: bool) -> None:
-        self.buffers = layer_state_buffers(module) if buffers else []
+    def __init__(self, buffers: list[Tensor], watched: list[Tensor], rng: bool) -> None:
+        self.buffers, self.watched = buffers, watched
         self.rng = rng
 
     def save_start(self) -> None:
         self.start = self._get()
+        self.versions = [b._version for b in self.watched]
+
+    def changed(self) -> list[Tensor]:
+        """The buffers the first pass wrote: the layers' state (constant buffers, such as masks, are never written)."""
+        return [b for b, v in zip(self.watched, self.versions) if b._version != v]
 
     def _get(self) -> tuple[list[Tensor], Any]:
         return [b.clone() for b in self.buffers], get_rng_state() if self.rng else None
