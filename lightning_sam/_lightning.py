@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -134,21 +134,17 @@ def step_and_schedule_as_in_automatic(trainer: pl.Trainer, patcher: Patcher) -> 
         patcher.set(owner, name, _AsAutomatic(trainer, getattr(owner, name)))
 
 
-def in_training_step(module: pl.LightningModule) -> ContextManager[None]:
+@contextmanager
+def in_training_step(module: pl.LightningModule) -> Iterator[None]:
     """The module's state while its ``training_step`` runs: manual optimization, and ``self.log`` filed under
     ``training_step`` (not under the ``optimizer_step`` hook that the closure runs in)."""
     patcher = Patcher()
-
-    @contextmanager
-    def scope() -> Iterator[None]:
-        patcher.set(module, "_automatic_optimization", False)
-        patcher.set(module, "_current_fx_name", "training_step")
-        try:
-            yield
-        finally:
-            patcher.restore()
-
-    return scope()
+    patcher.set(module, "_automatic_optimization", False)
+    patcher.set(module, "_current_fx_name", "training_step")
+    try:
+        yield
+    finally:
+        patcher.restore()
 
 
 class _AsAutomatic:

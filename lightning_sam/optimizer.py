@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_sam.config import SAMConfig, validate_param_groups
-from lightning_sam.perturbation import Perturbation, PerturbGroup, groups_from_optimizer, restore_
+from lightning_sam.perturbation import Perturbation, restore_
 from lightning_sam.rng import get_rng_state, set_rng_state
 from lightning_sam.variants import Variant
 from lightning_sam.variants.base import sq_norm as _sq_norm
@@ -143,22 +144,14 @@ class SAMOptimizer(Optimizer):
         if self._perturbation is not None:
             raise RuntimeError("first_step() was called twice without second_step() or restore() in between.")
         variant = self.variant
-        groups = groups_from_optimizer(self.param_groups, self.config)
-        factor = variant.rho_factor(self.sam_steps_taken, self.param_groups[0], self.config.rho)
-        if factor != 1.0:
-            groups = [PerturbGroup(g.params, g.rho * factor, g.adaptive, g.eta) for g in groups]
+        groups = variant.groups(self.param_groups, self.config, self.sam_steps_taken)
         if variant.climbs_before_forward:
             self._perturbation = variant.climb(groups, self.base_optimizer, self.config.epsilon)
         else:
             params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
             selected = {id(p) for p in variant.first_pass_params(params)}
             self._kept = [p.grad.clone() for p in params] if variant.keeps_first_gradient else None
-            groups = [
-                PerturbGroup(
-                    g.params, g.rho, g.adaptive, g.eta, grads=[p.grad if id(p) in selected else None for p in g.params]
-                )
-                for g in groups
-            ]
+            groups = [replace(g, grads=[p.grad if id(p) in selected else None for p in g.params]) for g in groups]
             self._perturbation = variant.perturb(groups, self.config.epsilon, guard_nonfinite=grad_scaler is not None)
         torch.clear_autocast_cache()  # autocast caches casts by tensor identity, blind to in-place changes
         if zero_grad:

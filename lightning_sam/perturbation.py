@@ -54,18 +54,6 @@ def groups_from_optimizer(param_groups: Iterable[dict[str, Any]], config: SAMCon
     ]
 
 
-def with_grads(groups: Sequence[PerturbGroup], grads: Sequence[Optional[Tensor]]) -> list[PerturbGroup]:
-    """``groups`` with explicit gradients, ``grads`` being aligned with their parameters taken in order."""
-    out, start = [], 0
-    for group in groups:
-        stop = start + len(group.params)
-        out.append(PerturbGroup(group.params, group.rho, group.adaptive, group.eta, grads=list(grads[start:stop])))
-        start = stop
-    if start != len(grads):
-        raise ValueError(f"{len(grads)} gradients for {start} parameters.")
-    return out
-
-
 def check_parameters(module: torch.nn.Module) -> None:
     """Refuse, before any step, the parameters SAM cannot perturb correctly."""
     for name, submodule in module.named_modules():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
@@ -41,7 +41,7 @@ from lightning_sam.chunks import batch_size, split_batch
 from lightning_sam.config import SAMConfig
 from lightning_sam.patching import Patcher
 from lightning_sam.rng import get_rng_state, set_rng_state
-from lightning_sam.perturbation import PerturbGroup, groups_from_optimizer, restore_
+from lightning_sam.perturbation import PerturbGroup, restore_
 from lightning_sam.variants import Variant
 from lightning_sam.variants.base import sq_norm
 
@@ -141,7 +141,7 @@ class SAMPasses:
         scaler = _lightning.loss_scaler(trainer)
         trainable = trainable_params(module, self.optimizer)
         scale = _lightning.scale_tensor(scaler, _device(trainable)) if scaler is not None else None
-        groups = _scheduled_groups(self.variant, self.optimizer, self.config, trainer.global_step)
+        groups = self.variant.groups(self.optimizer.param_groups, self.config, trainer.global_step)
         perturbation = self.variant.climb(groups, self.optimizer, self.config.epsilon)
         torch.clear_autocast_cache()
         try:
@@ -164,7 +164,7 @@ class SAMPasses:
         chunks = split_batch(batch, self.config.m) if self.config.m is not None else [(batch, None)]
         total = batch_size(batch) if len(chunks) > 1 else None
         trainable = trainable_params(module, self.optimizer)
-        groups = _scheduled_groups(variant, self.optimizer, self.config, trainer.global_step)
+        groups = variant.groups(self.optimizer.param_groups, self.config, trainer.global_step)
         scaler = _lightning.loss_scaler(trainer)
         scale = _lightning.scale_tensor(scaler, _device(trainable)) if scaler is not None else None
         metrics = [m for m in module.modules() if isinstance(m, Metric)]
@@ -265,17 +265,6 @@ class SAMPasses:
         module.log("sam/sharpness", perturbed - loss, **kwargs)
         if norms:  # of unscaled gradients
             module.log("sam/grad_norm", torch.stack(norms).sum(), **kwargs)
-
-
-def _scheduled_groups(
-    variant: Variant, optimizer: torch.optim.Optimizer, config: SAMConfig, step: int
-) -> list[PerturbGroup]:
-    """The optimizer's groups as ``PerturbGroup``s, each ρ scaled by the variant's ρ schedule at ``step``."""
-    groups = groups_from_optimizer(optimizer.param_groups, config)
-    factor = variant.rho_factor(step, optimizer.param_groups[0], config.rho)
-    if factor == 1.0:
-        return groups
-    return [PerturbGroup(g.params, g.rho * factor, g.adaptive, g.eta, grads=g.grads) for g in groups]
 
 
 def _device(params: list[Tensor]) -> torch.device:
@@ -423,9 +412,7 @@ def _add(total: Optional[list], grads: Sequence[Optional[Tensor]]) -> list:
 
 
 def _with_grads(group: PerturbGroup, grad_of: dict[int, Optional[Tensor]]) -> PerturbGroup:
-    return PerturbGroup(
-        group.params, group.rho, group.adaptive, group.eta, grads=[grad_of.get(id(p)) for p in group.params]
-    )
+    return replace(group, grads=[grad_of.get(id(p)) for p in group.params])
 
 
 def loss_of(output: Any) -> Optional[Tensor]:

@@ -19,13 +19,21 @@ lists aligned with the parameters of the optimizer's groups; entries may be ``No
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sam.perturbation import Perturbation, PerturbGroup, grad_norm, norm_dtype, perturb_
+from lightning_sam.perturbation import (
+    Perturbation,
+    PerturbGroup,
+    grad_norm,
+    groups_from_optimizer,
+    norm_dtype,
+    perturb_,
+)
 
 Grads = list[Optional[Tensor]]
 
@@ -59,6 +67,12 @@ class Variant:
 
     def bind_model(self, model: Any) -> None:
         """The module being trained, for variants that select parameters by module or name (SAM-ON)."""
+
+    def groups(self, param_groups: Sequence[dict[str, Any]], config: Any, step: int) -> list[PerturbGroup]:
+        """The optimizer's param groups as ``PerturbGroup``s, each ρ scaled by the ρ schedule at ``step``."""
+        groups = groups_from_optimizer(param_groups, config)
+        factor = self.rho_factor(step, param_groups[0], config.rho)
+        return groups if factor == 1.0 else [replace(g, rho=g.rho * factor) for g in groups]
 
     def rho_factor(self, step: int, group: dict[str, Any], rho: float) -> float:
         """ρ_t / ρ for step ``step``, given the first param group (its ``lr``, and the ``initial_lr`` a torch LR
@@ -162,9 +176,7 @@ class ASAM(Variant):
         self.rho_schedule = rho_schedule
 
     def perturb(self, groups: Sequence[PerturbGroup], epsilon: float, guard_nonfinite: bool) -> Optional[Perturbation]:
-        groups = [
-            PerturbGroup(g.params, g.rho, True, g.eta if self.eta is None else self.eta, grads=g.grads) for g in groups
-        ]
+        groups = [replace(g, adaptive=True, eta=g.eta if self.eta is None else self.eta) for g in groups]
         return perturb_(groups, epsilon, guard_nonfinite=guard_nonfinite)
 
     def _arguments(self) -> dict[str, Any]:

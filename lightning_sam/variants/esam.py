@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -48,7 +49,7 @@ class ESAM(SeededDraws, Variant):
         return [p for p, k in zip(params, keep.tolist()) if k]
 
     def perturb(self, groups: Sequence[PerturbGroup], epsilon: float, guard_nonfinite: bool) -> Optional[Perturbation]:
-        scaled = [PerturbGroup(g.params, g.rho / self.beta, g.adaptive, g.eta, grads=g.grads) for g in groups]
+        scaled = [replace(g, rho=g.rho / self.beta) for g in groups]
         return perturb_(scaled, epsilon, guard_nonfinite=guard_nonfinite)
 
     def select_examples(self, losses_at_w: Tensor, losses_perturbed: Tensor) -> Optional[Tensor]:

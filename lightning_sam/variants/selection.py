@@ -4,6 +4,7 @@ Minimization Needs", NeurIPS 2023) and, more generally, a selection by module ty
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -121,10 +122,10 @@ class SAMON(Variant):
         return [p for p in params if id(p) in self._selected]
 
     def perturb(self, groups, epsilon: float, guard_nonfinite: bool):
-        from lightning_sam.perturbation import PerturbGroup, perturb_
+        from lightning_sam.perturbation import perturb_
 
         if self.adaptive:
-            groups = [PerturbGroup(g.params, g.rho, True, g.eta, grads=g.grads) for g in groups]
+            groups = [replace(g, adaptive=True) for g in groups]
         return perturb_(groups, epsilon, guard_nonfinite=guard_nonfinite)
 
     def _arguments(self) -> dict[str, Any]:
