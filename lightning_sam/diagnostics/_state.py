@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_sam.rng import get_rng_state, set_rng_state
+
 
 @contextmanager
 def preserved_state(*models: nn.Module, eval_mode: Optional[bool] = None) -> Iterator[None]:
@@ -38,8 +40,7 @@ def preserved_state(*models: nn.Module, eval_mode: Optional[bool] = None) -> Ite
         grads: list[tuple[Optional[Tensor], Optional[Tensor]]] = [
             (p.grad, None if p.grad is None else p.grad.detach().clone()) for p in params
         ]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    rng = get_rng_state()
     try:
         if eval_mode is not None:
             for model in models:
@@ -57,6 +58,4 @@ def preserved_state(*models: nn.Module, eval_mode: Optional[bool] = None) -> Ite
                 p.grad = grad
         for module, training in modes:
             module.training = training
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        set_rng_state(rng)

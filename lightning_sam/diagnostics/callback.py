@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sam.rng import get_rng_state, set_rng_state
 from lightning_sam.diagnostics._common import LossFn, check_int, check_positive, to_device
 from lightning_sam.diagnostics.hessian import hessian_eigenvalues, hessian_spectrum, hessian_trace
 from lightning_sam.diagnostics.sharpness import sharpness
@@ -37,17 +38,14 @@ def _all_rngs_preserved() -> Iterator[None]:
         np_state: Any = np.random.get_state()
     except ImportError:  # pragma: no cover
         np, np_state = None, None
-    torch_state = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    torch_state = get_rng_state()
     try:
         yield
     finally:
         random.setstate(py)
         if np is not None:
             np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+        set_rng_state(torch_state)
 
 
 def _detached_copy(batch: Any) -> Any:
