@@ -251,3 +251,104 @@ def test_restored_after_an_exception():
     with pytest.raises(RuntimeError, match="boom"), lean_graph(model):
         raise RuntimeError("boom")
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+class _NoGradConv(nn.Module):  # a frozen-by-no_grad layer: its parameters get no gradient
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Linear(48, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.conv(x)
+        return self.head(torch.tanh(self.bn(h)).flatten(1))
+
+
+class _OtherWeights(_NoGradConv):  # the layer run with other weights (functional_call), the norm outside the call
+    def forward(self, x):
+        h = functional_call(self.conv, {k: 0.5 * p for k, p in self.conv.named_parameters()}, (x,))
+        return self.head(torch.tanh(self.bn(h)).flatten(1))
+
+
+class _InferenceMode(_NoGradConv):
+    def forward(self, x):
+        with torch.inference_mode():
+            h = torch.tanh(self.conv(x))
+        return self.head(self.bn(h.clone()).flatten(1))
+
+
+class _Checkpointed(_NoGradConv):  # the products recompute the block's forward
+    def forward(self, x):
+        block = lambda x: torch.tanh(self.bn(self.conv(x)))  # noqa: E731
+        return self.head(torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).flatten(1))
+
+
+class _Vmapped(_NoGradConv):  # a torch.func transform over the data's convolution
+    def forward(self, x):
+        return torch.func.vmap(lambda xi: self.head(torch.tanh(self.bn(self.conv(xi[None]))).flatten(1))[0])(x)
+
+
+def _pool_list() -> nn.Module:  # an output size given as a list (as from a YAML config)
+    return nn.Sequential(nn.Conv2d(2, 3, 1), nn.AdaptiveAvgPool2d([2, 3]), nn.Flatten(), nn.Linear(18, 3))
+
+
+TRICKY = {
+    "no_grad": _NoGradConv,
+    "functional_call": _OtherWeights,
+    "inference_mode": _InferenceMode,
+    "checkpoint": _Checkpointed,
+    "vmap": _Vmapped,
+    "pool-list": _pool_list,
+    "lazy": lambda: nn.Sequential(nn.LazyConv2d(3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(TRICKY))
+def test_tricky_models_get_the_hessian_autograd_gives(name):
+    """Each as with ``lean_graph=False`` (the graph autograd builds); no_grad also against the exact Hessian."""
+    torch.manual_seed(0)
+    model = TRICKY[name]().double().eval()
+    model(_batch((4, 2, 6, 6))[0])  # materializes the lazy layer
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        _stats(norm, 2)
+    batch = _batch((4, 2, 6, 6))
+    params = [p for p in model.parameters() if p.requires_grad]
+    lean = HessianOperator(model, ce, [batch], params)
+    plain = HessianOperator(model, ce, [batch], params, lean_graph=False)
+    v = torch.randn(lean.numel, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert lean.losses[0] == pytest.approx(plain.losses[0], rel=1e-12)
+    assert torch.allclose(lean(v), plain(v), rtol=1e-10, atol=1e-12)
+    if name == "no_grad":
+        assert torch.allclose(lean(v), _exact_hvp(copy.deepcopy(model), batch, v), rtol=1e-10, atol=1e-12)
+        assert lean(v)[: model.conv.weight.numel() + 3].abs().max() == 0  # the conv's rows
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(1), nn.Flatten(), nn.Linear(48, 3)),
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 1), nn.AdaptiveAvgPool2d((2,)), nn.Flatten(), nn.Linear(12, 3)),
+    ],
+    ids=["norm-size", "pool-size"],
+)
+def test_invalid_models_fail_as_they_would_without_it(model):
+    model = model().double().eval()
+    x = _batch((4, 2, 6, 6))[0]
+    with pytest.raises(Exception) as plain:
+        model(x)
+    with pytest.raises(type(plain.value), match=str(plain.value)[:30]), lean_graph(model):
+        model(x)
+
+
+def test_an_uninitialized_lazy_layer_is_materialized_as_usual():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyConv2d(3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 3)).double().eval()
+    twin = copy.deepcopy(model)
+    x = _batch((4, 2, 6, 6))[0]
+    torch.manual_seed(1)  # the same initialization for both
+    with lean_graph(model):
+        out = model(x)
+    assert isinstance(model[0], nn.Conv2d) and model[0].weight.shape == (3, 2, 3, 3)
+    torch.manual_seed(1)
+    assert torch.allclose(out, twin(x), rtol=1e-12, atol=1e-12)

@@ -19,7 +19,9 @@ in a form whose double backward does less:
 
 Gradients and Hessian-vector products are therefore those of the model, to rounding; only the graph autograd walks
 is smaller. Everything else (train-mode BatchNorm, another dtype than the statistics', sizes that do not divide, a
-module with its own ``forward`` or an instance-level one) runs unchanged, and every module is restored on exit.
+module with its own ``forward`` or an instance-level one) runs unchanged, and every module is restored on exit. A
+layer's output is refolded only if it was computed with gradients on and has not been changed in place since
+(version counters); an edit through ``.data``, which no version counter sees, is the one way to defeat that.
 """
 
 from __future__ import annotations
@@ -42,11 +44,16 @@ _CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
 
 class _Output(NamedTuple):
+    """A layer's output as it left the layer, with what it was computed from (tensors and their versions)."""
+
     layer: nn.Module
-    input: Tensor
-    input_version: int
     output: weakref.ref
-    output_version: int
+    tensors: tuple[Optional[Tensor], ...]  # input, weight, bias: those of the call (functional_call may swap weights)
+    versions: tuple[int, ...]  # versions of output and tensors at the call: an in-place edit since then voids it
+
+    def current(self, input: Tensor) -> bool:
+        tensors = (input, *self.tensors)
+        return self.output() is input and self.versions == tuple(-1 if t is None else t._version for t in tensors)
 
 
 @contextmanager
@@ -80,15 +87,22 @@ def _own_forward(module: nn.Module, forwards: tuple[Callable, ...]) -> bool:
 
 def _recording_forward(layer: nn.Module, outputs: dict[int, _Output]) -> Callable[[Tensor], Tensor]:
     forward = type(layer).forward
-    batched_dim = 2 if isinstance(layer, nn.Linear) else layer.weight.dim()
+    linear = isinstance(layer, nn.Linear)
 
     def recording_forward(input: Tensor) -> Tensor:
-        if isinstance(layer, nn.Linear):
-            output = forward(layer, input)
-        else:
-            output = _conv(layer, input, layer.weight, layer.bias)
-        if output.dim() == batched_dim:  # channels on dim 1, where BatchNorm normalizes
-            outputs[id(output)] = _Output(layer, input, input._version, weakref.ref(output), output._version)
+        weight, bias = layer.weight, layer.bias  # read at the call: a functional_call may have swapped them
+        output = forward(layer, input) if linear else _conv(layer, input, weight, bias)
+        # Only an output that carries a graph and has channels on dim 1 (batched), where BatchNorm normalizes: under
+        # no_grad the layer's parameters must get no gradient, which a refolded layer would give them.
+        if (
+            torch.is_grad_enabled()
+            and not input.is_inference()
+            and not output.is_inference()
+            and output.dim() == (2 if linear else weight.dim())
+        ):
+            tensors = (input, weight, bias)
+            versions = tuple(-1 if t is None else t._version for t in (output, *tensors))
+            outputs[id(output)] = _Output(layer, weakref.ref(output), tensors, versions)
         return output
 
     return recording_forward
@@ -99,8 +113,15 @@ def _folded_forward(norm: _BatchNorm, outputs: dict[int, _Output]) -> Callable[[
 
     def folded_forward(input: Tensor) -> Tensor:
         mean, var = norm.running_mean, norm.running_var
-        if norm.training or mean is None or var is None or input.dtype != var.dtype:
-            return forward(norm, input)
+        if (
+            norm.training
+            or mean is None
+            or var is None
+            or input.dim() < 2
+            or input.shape[1] != mean.numel()
+            or any(t is not None and t.dtype != input.dtype for t in (mean, var, norm.weight, norm.bias))
+        ):
+            return forward(norm, input)  # what it would do anyway, errors included
         norm._check_input_dim(input)
         scale = torch.rsqrt(var + norm.eps)
         if norm.weight is not None:
@@ -109,14 +130,8 @@ def _folded_forward(norm: _BatchNorm, outputs: dict[int, _Output]) -> Callable[[
         if norm.bias is not None:
             shift = shift + norm.bias
         record = outputs.get(id(input))
-        if (
-            record is not None
-            and record.output() is input
-            and record.output_version == input._version
-            and record.input_version == record.input._version
-            and input.shape[1] == scale.numel()
-        ):
-            return _refolded(record.layer, record.input, scale, shift)
+        if record is not None and record.current(input):
+            return _refolded(record.layer, *record.tensors, scale, shift)
         shape = (-1,) + (1,) * (input.dim() - 2)
         return torch.addcmul(shift.view(shape), input, scale.view(shape))
 
@@ -127,9 +142,12 @@ def _pooling_forward(pool: nn.AdaptiveAvgPool2d) -> Callable[[Tensor], Tensor]:
     forward = type(pool).forward
 
     def pooling_forward(input: Tensor) -> Tensor:
-        size = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
-        sizes = [input.shape[-2 + i] if s is None else s for i, s in enumerate(size)]
-        if input.dim() not in (3, 4) or any(n % s for n, s in zip(input.shape[-2:], sizes)):
+        size = pool.output_size
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if input.dim() not in (3, 4) or len(size) != 2:
+            return forward(pool, input)
+        sizes = [n if s is None else s for n, s in zip(input.shape[-2:], size)]
+        if any(not isinstance(s, int) or s <= 0 or n % s for n, s in zip(input.shape[-2:], sizes)):
             return forward(pool, input)
         kernel = [n // s for n, s in zip(input.shape[-2:], sizes)]
         return F.avg_pool2d(input, kernel, kernel)
@@ -137,9 +155,11 @@ def _pooling_forward(pool: nn.AdaptiveAvgPool2d) -> Callable[[Tensor], Tensor]:
     return pooling_forward
 
 
-def _refolded(layer: nn.Module, input: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    weight = layer.weight * scale.view(-1, *(1,) * (layer.weight.dim() - 1))
-    bias = shift if layer.bias is None else torch.addcmul(shift, layer.bias, scale)
+def _refolded(
+    layer: nn.Module, input: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor
+) -> Tensor:
+    weight = weight * scale.view(-1, *(1,) * (weight.dim() - 1))
+    bias = shift if bias is None else torch.addcmul(shift, bias, scale)
     if isinstance(layer, nn.Linear):
         return F.linear(input, weight, bias)
     return _conv(layer, input, weight, bias)
@@ -150,6 +170,7 @@ def _conv(layer: nn.Module, input: Tensor, weight: Tensor, bias: Optional[Tensor
     if (
         input.requires_grad
         or not torch.is_grad_enabled()
+        or input.is_inference()
         or torch.is_autocast_enabled(input.device.type)
         or layer.padding_mode != "zeros"
         or isinstance(layer.padding, str)
@@ -178,14 +199,21 @@ class _ConstantInputConv(torch.autograd.Function):
 
     Its backward, ``gW = ∂/∂W⟨gy, conv(x, W)⟩`` (``_ConvWeightGrad``), is linear in ``gy`` with the adjoint
     ``ggW ↦ conv(x, ggW)``: one convolution in the double backward, where ``convolution_backward``'s own double
-    backward adds a transposed convolution for the input's gradient.
+    backward adds a transposed convolution for the input's gradient. Written in ``setup_context`` form with a
+    generated vmap rule, so that a model calling its layers under ``torch.func`` transforms runs as before.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Optional[Tensor], spec: _ConvSpec) -> Tensor:
+    def forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], spec: _ConvSpec) -> Tensor:
+        return spec.conv(input, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        input, weight, _, spec = inputs
         ctx.save_for_backward(input, weight)
         ctx.spec = spec
-        return spec.conv(input, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
@@ -201,15 +229,21 @@ class _ConstantInputConv(torch.autograd.Function):
 class _ConvWeightGrad(torch.autograd.Function):
     """``gy ↦ ∂/∂W⟨gy, conv(x, W)⟩`` for a fixed ``x``; its backward is the adjoint ``ggW ↦ conv(x, ggW)``."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, grad_output: Tensor, input: Tensor, weight: Tensor, spec: _ConvSpec) -> Tensor:
+    def forward(grad_output: Tensor, input: Tensor, weight: Tensor, spec: _ConvSpec) -> Tensor:
+        no_padding, weight_only = [0] * len(spec.stride), [False, True, False]
+        _, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_output, input, weight, None, *spec[:3], False, no_padding, spec.groups, weight_only
+        )
+        return grad_weight
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _, input, _, spec = inputs
         ctx.save_for_backward(input)
         ctx.spec = spec
-        zeros = [0] * len(spec.stride)
-        mask = [False, True, False]
-        return torch.ops.aten.convolution_backward(
-            grad_output, input, weight, None, spec.stride, spec.padding, spec.dilation, False, zeros, spec.groups, mask
-        )[1]
 
     @staticmethod
     def backward(ctx: Any, grad_grad_weight: Tensor) -> tuple[Optional[Tensor], ...]:

@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, ContextManager, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -85,8 +85,12 @@ class HessianOperator:
                 with torch.no_grad():
                     self.losses.append(float(scalar_loss(loss_fn, model, batch)))
 
+    def _forwards(self) -> ContextManager[None]:
+        # Products run in it too: a checkpointed block recomputes its forward then, and must find the same layers.
+        return _lean_graph.lean_graph(self.model) if self.lean_graph else nullcontext()
+
     def _grad(self, batch: Any) -> list[Tensor]:
-        with torch.enable_grad(), _lean_graph.lean_graph(self.model) if self.lean_graph else nullcontext():
+        with torch.enable_grad(), self._forwards():
             loss = scalar_loss(self.loss_fn, self.model, batch)
             if self.cache_graph:
                 self.losses.append(float(loss.detach()))
@@ -126,7 +130,7 @@ class HessianOperator:
         batched = v.dim() == 2
         vs = self._views(v.to(self.dtype))
         total: Optional[Tensor] = None
-        with torch.enable_grad():
+        with torch.enable_grad(), self._forwards():
             for index, batch in enumerate(self.batches):
                 grads = self._grads[index] if self._grads is not None else self._grad(batch)
                 flat = self._flat(self._product(grads, vs, batched), tuple(v.shape[:-1]))
