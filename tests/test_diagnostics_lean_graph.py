@@ -352,3 +352,21 @@ def test_an_uninitialized_lazy_layer_is_materialized_as_usual():
     assert isinstance(model[0], nn.Conv2d) and model[0].weight.shape == (3, 2, 3, 3)
     torch.manual_seed(1)
     assert torch.allclose(out, twin(x), rtol=1e-12, atol=1e-12)
+
+
+def test_float32_products_stay_close_to_float64():
+    """The lean graph in float32 against autograd's product in float64: rounding only, nothing lost on the way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.Tanh()
+    ).append(nn.Sequential(nn.Flatten(), nn.Linear(8 * 2 * 2, 3)))
+    for index, norm in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        _stats(norm, index)
+    model.eval()
+    batch = _batch((16, 2, 6, 6))
+    model64 = copy.deepcopy(model).double()
+    reference = HessianOperator(model64, ce, [batch], list(model64.parameters()), lean_graph=False)
+    v = torch.randn(reference.numel, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = reference(v)
+    lean = HessianOperator(model, ce, [(batch[0].float(), batch[1])], list(model.parameters()))(v.float()).double()
+    assert float((lean - exact).norm() / exact.norm()) < 1e-5

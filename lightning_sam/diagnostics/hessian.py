@@ -5,7 +5,7 @@ weighs the same), differentiated with respect to the parameters with ``requires_
 (HVP) is a double backward: the gradient of each batch is taken once with ``create_graph=True`` and kept, and each
 product is ``autograd.grad(g, w, grad_outputs=v)`` on that graph, so a product costs one backward of the backward
 and no new forward. The graph is built with exact equivalents of layers that are costly to differentiate twice
-(``_lean_graph``: eval-mode BatchNorm folded into the layer before it, ...; 40% less per product on a small CNN).
+(``_lean_graph``: eval-mode BatchNorm folded into the layer before it, ...; a third less per product on a small CNN).
 Vectors are flat (all parameters concatenated), so the Lanczos recurrences are a few BLAS calls whatever the number
 of parameter tensors.
 
