@@ -47,8 +47,11 @@ class Net(nn.Module):
         return self.head(y.flatten(1))
 
 
+IMAGES = (5, 2, 6, 6)  # batch, channels, height, width
+
+
 def _cases():
-    yield "conv2d", lambda: Net(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), 3 * 4 * 4), (5, 2, 6, 6)
+    yield "conv2d", lambda: Net(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), 3 * 4 * 4), IMAGES
     yield (
         "conv2d-nobias-groups-reflect-stride",
         lambda: Net(
@@ -61,34 +64,16 @@ def _cases():
     yield "conv1d", lambda: Net(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), 3 * 5), (5, 2, 7)
     yield "conv3d", lambda: Net(nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), 2 * 2 * 2 * 2), (4, 1, 3, 3, 3)
     yield "linear", lambda: Net(nn.Linear(4, 5), nn.BatchNorm1d(5), 5), (6, 4)
-    yield "no-affine", lambda: Net(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, affine=False), 3 * 4 * 4), (5, 2, 6, 6)
-    yield (
-        "residual",
-        lambda: Net(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), 3 * 6 * 6, residual=True),
-        (
-            5,
-            2,
-            6,
-            6,
-        ),
-    )
-    yield "edited-in-place", lambda: Net(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), 3 * 4 * 4, edit=True), (5, 2, 6, 6)
+    yield "no-affine", lambda: Net(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, affine=False), 3 * 4 * 4), IMAGES
+    yield "residual", lambda: Net(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), 3 * 6 * 6, residual=True), IMAGES
+    yield "edited-in-place", lambda: Net(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), 3 * 4 * 4, edit=True), IMAGES
     two = lambda: nn.Sequential(nn.Conv2d(2, 3, 3, dilation=2, bias=False), nn.Tanh(), nn.Conv2d(3, 3, 1))  # noqa: E731
-    yield "two-convs", lambda: Net(two(), nn.BatchNorm2d(3), 3 * 2 * 2), (5, 2, 6, 6)
-    yield "padding-same", lambda: Net(nn.Conv2d(2, 3, 3, padding="same"), nn.BatchNorm2d(3), 3 * 6 * 6), (5, 2, 6, 6)
+    yield "two-convs", lambda: Net(two(), nn.BatchNorm2d(3), 3 * 2 * 2), IMAGES
+    yield "padding-same", lambda: Net(nn.Conv2d(2, 3, 3, padding="same"), nn.BatchNorm2d(3), 3 * 6 * 6), IMAGES
     # Linear on (N, L, C): BatchNorm1d then normalizes dim 1 (L), not the layer's output channels.
     yield "linear-3d", lambda: Net(nn.Linear(4, 5), nn.BatchNorm1d(3), 3 * 5), (6, 3, 4)
     # BatchNorm after a non-foldable op: the affine path.
-    yield (
-        "after-tanh",
-        lambda: Net(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh()), nn.BatchNorm2d(3), 3 * 4 * 4),
-        (
-            5,
-            2,
-            6,
-            6,
-        ),
-    )
+    yield "after-tanh", lambda: Net(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh()), nn.BatchNorm2d(3), 48), IMAGES
     # Adaptive average pooling: divisible sizes (also with None), and a size that does not divide (unchanged).
     for label, size, hw in (("pool-2x3", (2, 3), (8, 9)), ("pool-none", (None, 2), (4, 6)), ("pool-odd", 3, (7, 7))):
         channels = 2 * (hw[0] if size[0] is None else size[0]) * size[1] if isinstance(size, tuple) else 2 * 9
@@ -146,8 +131,10 @@ def test_folded_products_are_the_exact_hessian(name, make, shape):
     plain = HessianOperator(model, ce, [batch], params, lean_graph=False)
     v = torch.randn(op.numel, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = _exact_hvp(reference, batch, v)
+    recomputed = HessianOperator(model, ce, [batch], params, cache_graph=False)  # the lean forward at each product
     assert torch.allclose(op(v), exact, rtol=1e-10, atol=1e-12)
     assert torch.allclose(plain(v), exact, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(recomputed(v), exact, rtol=1e-10, atol=1e-12)
     assert op.losses[0] == pytest.approx(plain.losses[0], rel=1e-12)
     assert all("forward" not in vars(m) for m in model.modules())  # nothing left behind
 
@@ -209,7 +196,7 @@ def test_adaptive_pooling_becomes_plain_pooling_where_sizes_divide(name, divides
 
 def test_affine_path_and_untouched_cases_keep_their_values():
     model = dict((n, m) for n, m, _ in CASES)["after-tanh"]().double().eval()
-    batch = _batch((5, 2, 6, 6))
+    batch = _batch(IMAGES)
     with torch.no_grad():
         expected = model(batch[0])
         with lean_graph(model):
@@ -221,7 +208,7 @@ def test_affine_path_and_untouched_cases_keep_their_values():
 
 def test_train_mode_other_dtypes_and_own_forwards_run_unchanged():
     model = Net(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), 3 * 4 * 4).eval()
-    x = _batch((5, 2, 6, 6))[0].float()
+    x = _batch(IMAGES)[0].float()
     # bf16 activations against float32 statistics (autocast): the module's own forward, bit for bit.
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = model(x)

@@ -65,7 +65,7 @@ def lean_graph(model: nn.Module) -> Iterator[None]:
         norms = [m for m in model.modules() if _own_forward(m, _NORM_FORWARDS)]
         for module in model.modules():
             if _own_forward(module, _CONV_FORWARDS) or (norms and _own_forward(module, (nn.Linear.forward,))):
-                patcher.set(module, "forward", _recording_forward(module, outputs))
+                patcher.set(module, "forward", _recording_forward(module, outputs if norms else None))
             elif _own_forward(module, _POOL_FORWARDS):
                 patcher.set(module, "forward", _pooling_forward(module))
         for norm in norms:
@@ -85,7 +85,8 @@ def _own_forward(module: nn.Module, forwards: tuple[Callable, ...]) -> bool:
     )
 
 
-def _recording_forward(layer: nn.Module, outputs: dict[int, _Output]) -> Callable[[Tensor], Tensor]:
+def _recording_forward(layer: nn.Module, outputs: Optional[dict[int, _Output]]) -> Callable[[Tensor], Tensor]:
+    # ``outputs=None``: no BatchNorm to fold into, nothing to record (the convolution alone may still be lean).
     forward = type(layer).forward
     linear = isinstance(layer, nn.Linear)
 
@@ -95,7 +96,8 @@ def _recording_forward(layer: nn.Module, outputs: dict[int, _Output]) -> Callabl
         # Only an output that carries a graph and has channels on dim 1 (batched), where BatchNorm normalizes: under
         # no_grad the layer's parameters must get no gradient, which a refolded layer would give them.
         if (
-            torch.is_grad_enabled()
+            outputs is not None
+            and torch.is_grad_enabled()
             and not input.is_inference()
             and not output.is_inference()
             and output.dim() == (2 if linear else weight.dim())

@@ -79,18 +79,21 @@ class HessianOperator:
         self.losses: list[float] = []
         self._grads: Optional[list[list[Tensor]]] = None
         if cache_graph:
-            self._grads = [self._grad(batch) for batch in batches]
+            with self._forwards():
+                self._grads = [self._grad(batch) for batch in batches]
         else:  # still check every loss before the first product
             for batch in batches:
                 with torch.no_grad():
                     self.losses.append(float(scalar_loss(loss_fn, model, batch)))
 
     def _forwards(self) -> ContextManager[None]:
-        # Products run in it too: a checkpointed block recomputes its forward then, and must find the same layers.
+        # Around the graphs' building and every product: a checkpointed block recomputes its forward during a
+        # product, and must find the same layers.
         return _lean_graph.lean_graph(self.model) if self.lean_graph else nullcontext()
 
     def _grad(self, batch: Any) -> list[Tensor]:
-        with torch.enable_grad(), self._forwards():
+        # Called inside `_forwards()`: once per batch at construction, or at every product without a cached graph.
+        with torch.enable_grad():
             loss = scalar_loss(self.loss_fn, self.model, batch)
             if self.cache_graph:
                 self.losses.append(float(loss.detach()))
@@ -190,12 +193,13 @@ def _lanczos(
         # Full reorthogonalization keeps the Ritz values free of ghost copies. A second pass only where the first
         # removed much of w (Daniel-Gragg-Kaufman-Stewart, η = 1/√2): "twice is enough", and once mostly suffices.
         done = basis[: j + 1]
-        before = torch.linalg.vector_norm(w)
+        before = float(torch.linalg.vector_norm(w))
         w.sub_(done.T @ (done @ w))
-        if float(torch.linalg.vector_norm(w)) < _DGKS * float(before):
-            w.sub_(done.T @ (done @ w))
-        alphas.append(float(alpha))
         beta = float(torch.linalg.vector_norm(w))
+        if beta < _DGKS * before:
+            w.sub_(done.T @ (done @ w))
+            beta = float(torch.linalg.vector_norm(w))
+        alphas.append(float(alpha))
         scale = max(abs(a) for a in alphas) + (max(betas) if betas else 0.0)
         exhausted = beta <= 1e-10 * max(scale, 1e-30)
         if k is not None and tol is not None and j + 1 >= k:
