@@ -59,6 +59,12 @@ def _faces(cls, mixin, **kwargs):
     }
 
 
+def _assert_faces_match_no_sam(per_face: dict) -> None:
+    """Each SAM face's tensors (lists, nested lists) equal those of the run without SAM, element for element."""
+    for face in ("callback", "mixin"):
+        torch.testing.assert_close(per_face[face], per_face["none"], atol=1e-6, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ gradients autograd shares
 class Shared(pl.LightningModule):
     """W = a + b: autograd returns one tensor object as the gradient of both a and b."""
@@ -154,9 +160,7 @@ def test_expanded_gradients_and_optimizer_only_tensors_train_as_without_sam(cls,
         if cls is OutsideModule:
             results[face].append(model.temperature[0].detach().clone())
     assert not torch.equal(results["none"][-1], torch.ones_like(results["none"][-1]) * 0)  # it trained
-    for face in ("callback", "mixin"):
-        for got, want in zip(results[face], results["none"]):
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    _assert_faces_match_no_sam(results)
 
 
 # ------------------------------------------------------------------------------------ how autograd is used
@@ -194,10 +198,7 @@ def test_the_returned_loss_can_be_back_propagated_twice():
     for face, (model, callbacks) in _faces(BackwardTwice, SAMBackwardTwice).items():
         trainer(max_steps=2, callbacks=callbacks).fit(model, loader())
         grads[face] = model.grads
-    for face in ("callback", "mixin"):
-        for got, want in zip(grads[face], grads["none"]):
-            for g, w in zip(got, want):
-                torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+    _assert_faces_match_no_sam(grads)
 
 
 class InPlaceBatch(Lin):
@@ -236,9 +237,7 @@ def test_spectral_norm_state_moves_once_per_step():
     for face, (model, callbacks) in _faces(Spectral, SAMSpectral).items():
         trainer(max_steps=4, callbacks=callbacks).fit(model, loader())
         state[face] = [t.detach().clone() for t in [*model.buffers(), *model.parameters()]]
-    for face in ("callback", "mixin"):
-        for got, want in zip(state[face], state["none"]):
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    _assert_faces_match_no_sam(state)
 
 
 class CountsExamples(Lin):
